@@ -1,0 +1,1 @@
+"""Flax linen modules of the V2Flow tokenizer."""

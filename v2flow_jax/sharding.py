@@ -1,0 +1,121 @@
+"""The device mesh and logical-axis sharding, both taken from the config.
+
+Parameters name their axes logically (`nn.with_logical_partitioning`); the rules here map those
+names onto mesh axes. A model is initialised abstractly first (`jax.eval_shape`), the shardings are
+read off the abstract tree, and the real init is jitted with those `out_shardings`, so full
+parameters never sit on one device.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axis. A mesh axis is used at most once per array: flax skips a rule whose
+# mesh axis an earlier dimension already took, so order the names in a shape by priority.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),      # rows of the LLM vocabulary (N_l) and the generator's output
+    ("codes", "tensor"),      # codebook entries
+    ("mlp", "tensor"),        # MLP hidden width, fused qkv / heads
+    ("heads", "tensor"),
+    ("llm_embed", "fsdp"),    # width of the LLM's embeddings (d_l)
+    ("embed", "fsdp"),        # transformer / MLP width
+    ("channels", "fsdp"),     # convolution channels
+    ("latent", None),         # autoencoder latent channels (tiny)
+    ("seq", None),
+    ("kernel", None),
+)
+
+
+def make_mesh(mesh_shape: Sequence[tuple[str, int]] | dict, devices: Sequence[Any] | None = None):
+    """Builds a mesh from `[(axis, size), ...]`; one size may be -1 (= all remaining devices)."""
+    items = list(mesh_shape.items()) if isinstance(mesh_shape, dict) else [tuple(x) for x in mesh_shape]
+    devices = list(devices if devices is not None else jax.devices())
+    names = [name for name, _ in items]
+    sizes = [int(size) for _, size in items]
+    unknown = [n for n in names if n not in MESH_AXES]
+    if unknown:
+        raise ValueError(f"config.mesh names unknown axes {unknown}; use any of {MESH_AXES}.")
+    if sizes.count(-1) > 1:
+        raise ValueError(f"config.mesh: at most one axis may be -1, got {items}.")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"config.mesh {items}: {len(devices)} devices do not divide by {known}.")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"config.mesh {items} needs {math.prod(sizes)} devices but {len(devices)} are visible; "
+            "set one axis to -1 to absorb the rest.")
+    # Auto axis types: linen's logical constraints and embedding lookups need them (ENVIRONMENT.md).
+    axis_types = (jax.sharding.AxisType.Auto,) * len(names)
+    return jax.make_mesh(tuple(sizes), tuple(names), axis_types=axis_types, devices=devices)
+
+
+def rules_from_config(config) -> tuple[tuple[str, Any], ...]:
+    """The config's `sharding_rules` (a list of (logical, mesh) pairs) or the defaults."""
+    rules = config.get("sharding_rules", None) if hasattr(config, "get") else None
+    if not rules:
+        return DEFAULT_RULES
+    return tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in rules)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh, rules=DEFAULT_RULES):
+    """Activates the mesh and the logical rules for tracing (jit) and execution."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def logical_shardings(abstract_tree, mesh, rules=DEFAULT_RULES):
+    """NamedShardings for a (possibly boxed) tree; leaves without names are replicated."""
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh, ndim: int = 1) -> NamedSharding:
+    """Leading axis split over every data-parallel mesh axis present in the mesh."""
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh) -> int:
+    return math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.axis_names)
+
+
+def sharded_init(init_fn: Callable[..., Any], mesh, rules, *args):
+    """Runs `init_fn(*args)` with every output created directly in its sharding.
+
+    Returns (variables, shardings) with the LogicallyPartitioned boxes removed.
+    """
+    with use_mesh(mesh, rules):
+        abstract = jax.eval_shape(init_fn, *args)
+        shardings = logical_shardings(abstract, mesh, rules)
+        variables = jax.jit(init_fn, out_shardings=shardings)(*args)
+    return nn.unbox(variables), nn.unbox(shardings)
+
+
+def put_batch(batch, mesh):
+    """Places a host-local numpy batch (a tree) sharded over the data axes.
+
+    With one process the global batch is the local one; with several, each host contributes its rows.
+    """
+    def put(x):
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim)
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_process_local_data(sharding, x)
+    return jax.tree.map(put, batch)
