@@ -1,0 +1,323 @@
+"""The frozen LLM vocabulary: HF checkpoint layouts, dtypes, sharded reads, errors, the linen holder.
+
+Reference checkpoints are written by transformers + torch (a tiny LlamaForCausalLM), so the names,
+the index files and the dtype headers are the ones real LLaMA checkpoints have.
+"""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import serialization, traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from v2flow_jax import sharding  # noqa: E402
+from v2flow_jax.models import vocabulary as voc  # noqa: E402
+
+VOCAB, WIDTH = 256, 64  # vocab divisible by the mesh's 'tensor' axis, width by 'fsdp'
+
+
+def _tiny_llama(dtype=None, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg)
+    return model.to(dtype) if dtype is not None else model
+
+
+def _reference(model) -> np.ndarray:
+    return model.get_input_embeddings().weight.detach().float().numpy()
+
+
+def _write_flax_layout(directory, model, *, sharded=False):
+    """The HF Flax layout (FlaxLlamaForCausalLM.save_pretrained), written by hand.
+
+    transformers 5 dropped its Flax models, so nothing can write `flax_model.msgpack` any more;
+    checkpoints made with transformers <= 4.x still exist. Its tree is the linen params of
+    FlaxLlamaForCausalLM: {'model': {'embed_tokens': {'embedding'}, 'layers', 'norm'}, 'lm_head':
+    {'kernel'}}; the sharded variant holds flat dicts keyed 'a/b/c' and an index naming the file.
+    """
+    os.makedirs(directory, exist_ok=True)
+    # numpy has no bf16: go through fp32 and back to ml_dtypes' bfloat16 (exact), as Flax stored it.
+    sd = {k: v.detach().float().numpy().astype(jnp.bfloat16 if v.dtype == torch.bfloat16 else np.float32)
+          for k, v in model.state_dict().items()}
+    tree = {
+        "model": {
+            "embed_tokens": {"embedding": sd["model.embed_tokens.weight"]},
+            "norm": {"weight": sd["model.norm.weight"]},
+            "layers": {"0": {"mlp": {"down_proj": {"kernel": sd["model.layers.0.mlp.down_proj.weight"].T}}}},
+        },
+        "lm_head": {"kernel": sd["lm_head.weight"].T},
+    }
+    model.config.to_json_file(os.path.join(directory, "config.json"))
+    if not sharded:
+        with open(os.path.join(directory, "flax_model.msgpack"), "wb") as f:
+            f.write(serialization.msgpack_serialize(tree))
+        return
+    flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
+    names = sorted(flat)  # 'lm_head/kernel' first, so the embedding is not in shard 1
+    files = {n: f"flax_model-0000{i + 1}-of-0000{len(names)}.msgpack" for i, n in enumerate(names)}
+    for n in names:
+        with open(os.path.join(directory, files[n]), "wb") as f:
+            f.write(serialization.msgpack_serialize({n: flat[n]}))
+    with open(os.path.join(directory, "flax_model.msgpack.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": files}, f)
+
+
+def _move_embedding_out_of_first_shard(directory):
+    """transformers writes embed_tokens into shard 1; swap file names so the index must be used."""
+    index_path = os.path.join(directory, "model.safetensors.index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    files = sorted(set(index["weight_map"].values()))
+    first, last = files[0], files[-1]
+    os.rename(os.path.join(directory, first), os.path.join(directory, "tmp"))
+    os.rename(os.path.join(directory, last), os.path.join(directory, first))
+    os.rename(os.path.join(directory, "tmp"), os.path.join(directory, last))
+    swap = {first: last, last: first}
+    index["weight_map"] = {k: swap.get(v, v) for k, v in index["weight_map"].items()}
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    model = _tiny_llama()
+    model.save_pretrained(root / "single")
+    model.save_pretrained(root / "sharded", max_shard_size="40KB")  # embedding alone is 64 KB
+    _move_embedding_out_of_first_shard(root / "sharded")
+    _write_flax_layout(root / "flax", model)
+    _write_flax_layout(root / "flax_sharded", model, sharded=True)
+    bf16 = _tiny_llama(torch.bfloat16, seed=1)
+    bf16.save_pretrained(root / "bf16")
+    _write_flax_layout(root / "flax_bf16", bf16)
+    return {"root": root, "ref": _reference(model), "ref_bf16": _reference(bf16)}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+
+
+def test_single_safetensors(ckpts):
+    table = voc.load_embedding_table(ckpts["root"] / "single")
+    assert table.shape == (VOCAB, WIDTH) and table.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(table), ckpts["ref"])
+    assert voc.embedding_table_info(ckpts["root"] / "single") == (VOCAB, WIDTH)
+
+
+def test_sharded_index_layout(ckpts):
+    d = ckpts["root"] / "sharded"
+    with open(d / "model.safetensors.index.json") as f:
+        weight_map = json.load(f)["weight_map"]
+    assert len(set(weight_map.values())) > 2
+    assert not weight_map["model.embed_tokens.weight"].startswith("model-00001-")
+    assert not os.path.exists(d / "model.safetensors")
+    np.testing.assert_array_equal(np.asarray(voc.load_embedding_table(d)), ckpts["ref"])
+
+
+def test_bf16_on_disk(ckpts):
+    d = ckpts["root"] / "bf16"
+    table = voc.load_embedding_table(d)  # cast to fp32, exactly the bf16 values upcast
+    assert table.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(table), ckpts["ref_bf16"])
+    raw = voc.load_embedding_table(d, dtype=None)  # keeps bf16
+    assert raw.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(raw, np.float32), ckpts["ref_bf16"])
+    half = voc.load_embedding_table(ckpts["root"] / "single", dtype=jnp.float16)
+    np.testing.assert_array_equal(np.asarray(half), ckpts["ref"].astype(np.float16))
+
+
+@pytest.mark.parametrize("layout", ["flax", "flax_sharded"])
+def test_flax_msgpack(ckpts, layout):
+    d = ckpts["root"] / layout
+    np.testing.assert_array_equal(np.asarray(voc.load_embedding_table(d)), ckpts["ref"])
+    by_path = voc.load_embedding_table(d, tensor_name="model/embed_tokens/embedding")
+    np.testing.assert_array_equal(np.asarray(by_path), ckpts["ref"])
+
+
+def test_flax_msgpack_bf16(ckpts):
+    d = ckpts["root"] / "flax_bf16"
+    raw = voc.load_embedding_table(d, dtype=None)
+    assert raw.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(voc.load_embedding_table(d)), ckpts["ref_bf16"])
+
+
+def test_prefers_safetensors_over_msgpack(ckpts, tmp_path):
+    d = tmp_path / "both"
+    shutil.copytree(ckpts["root"] / "single", d)
+    other = _tiny_llama(seed=7)  # different values in the msgpack tell the two apart
+    _write_flax_layout(d, other)
+    np.testing.assert_array_equal(np.asarray(voc.load_embedding_table(d)), ckpts["ref"])
+
+
+def test_num_tokens_keeps_first_rows(ckpts):
+    table = voc.load_embedding_table(ckpts["root"] / "sharded", num_tokens=10)
+    np.testing.assert_array_equal(np.asarray(table), ckpts["ref"][:10])
+
+
+@pytest.mark.parametrize("num_tokens", [None, 128])
+def test_sharded_placement_reads_only_blocks(ckpts, mesh, monkeypatch, num_tokens):
+    reads = []
+    full_index = voc._full_index
+    monkeypatch.setattr(voc, "_full_index", lambda i, s: reads.append(full_index(i, s)) or reads[-1])
+    spec = voc.table_sharding(mesh, sharding.DEFAULT_RULES)
+    assert spec.spec == P("tensor", "fsdp")
+    table = voc.load_embedding_table(ckpts["root"] / "bf16", sharding=spec, num_tokens=num_tokens)
+    ref = ckpts["ref_bf16"][:num_tokens]
+    rows = ref.shape[0]
+    assert table.sharding == spec and table.shape == ref.shape
+    assert len(table.addressable_shards) == 8
+    for shard in table.addressable_shards:
+        assert shard.data.shape == (rows // 2, WIDTH // 2)  # a quarter of the table per device
+        np.testing.assert_array_equal(np.asarray(shard.data), ref[shard.index])
+    np.testing.assert_array_equal(np.asarray(table), ref)
+    assert reads and all(r[0].stop - r[0].start == rows // 2 and r[1].stop - r[1].start == WIDTH // 2
+                         for r in reads)  # no read ever asked for the whole table
+
+
+def test_sharding_from_logical_shardings(ckpts, mesh):
+    abstract = {"table": nn.LogicallyPartitioned(
+        jax.ShapeDtypeStruct((VOCAB, WIDTH), jnp.float32), voc.TABLE_AXES)}
+    spec = nn.unbox(sharding.logical_shardings(abstract, mesh))["table"]
+    table = voc.load_embedding_table(ckpts["root"] / "single", sharding=spec)
+    assert isinstance(table.sharding, NamedSharding) and table.sharding.spec == P("tensor", "fsdp")
+    np.testing.assert_array_equal(np.asarray(table), ckpts["ref"])
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_error_missing_dir(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="nope.*does not exist"):
+        voc.load_embedding_table(missing)
+    with pytest.raises(voc.VocabularyError, match="nope"):
+        voc.embedding_table_info(missing)
+
+
+def test_error_no_config(ckpts, tmp_path):
+    d = tmp_path / "noconfig"
+    shutil.copytree(ckpts["root"] / "single", d)
+    os.remove(d / "config.json")
+    with pytest.raises(FileNotFoundError, match=r"noconfig.*config\.json"):
+        voc.load_embedding_table(d)
+
+
+def test_error_no_weights(ckpts, tmp_path):
+    d = tmp_path / "noweights"
+    d.mkdir()
+    shutil.copy(ckpts["root"] / "single" / "config.json", d)
+    with pytest.raises(FileNotFoundError, match=r"noweights.*model\.safetensors.*flax_model\.msgpack"):
+        voc.load_embedding_table(d)
+
+
+def test_error_missing_shard(ckpts, tmp_path):
+    d = tmp_path / "lostshard"
+    shutil.copytree(ckpts["root"] / "sharded", d)
+    with open(d / "model.safetensors.index.json") as f:
+        lost = json.load(f)["weight_map"]["model.embed_tokens.weight"]
+    os.remove(d / lost)
+    with pytest.raises(FileNotFoundError, match=lost):
+        voc.load_embedding_table(d)
+
+
+@pytest.mark.parametrize("layout, where", [("single", "model.safetensors"),
+                                           ("sharded", "model.safetensors.index.json"),
+                                           ("flax", "flax_model.msgpack")])
+def test_error_tensor_not_found(ckpts, layout, where):
+    with pytest.raises(voc.VocabularyError) as e:
+        voc.load_embedding_table(ckpts["root"] / layout, tensor_name="model.wte.weight")
+    msg = str(e.value)
+    assert "'model.wte.weight'" in msg and where in msg and "tensor_name=" in msg
+    assert "embed_tokens" in msg  # the names it lists start with the embedding-looking ones
+
+
+def test_error_not_a_table(ckpts):
+    with pytest.raises(voc.VocabularyError, match=r"model\.norm\.weight.*2-D"):
+        voc.load_embedding_table(ckpts["root"] / "single", tensor_name="model.norm.weight")
+
+
+def test_error_shape_disagrees_with_config(ckpts, tmp_path):
+    d = tmp_path / "badconfig"
+    shutil.copytree(ckpts["root"] / "single", d)
+    with open(d / "config.json") as f:
+        cfg = json.load(f)
+    cfg["vocab_size"] = 32000
+    with open(d / "config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(voc.VocabularyError, match=r"\(256, 64\).*badconfig.*vocab_size=32000"):
+        voc.load_embedding_table(d)
+
+
+def test_error_num_tokens_too_large(ckpts):
+    with pytest.raises(voc.VocabularyError, match=r"num_tokens=300.*vocab_size=256.*single"):
+        voc.load_embedding_table(ckpts["root"] / "single", num_tokens=300)
+
+
+def test_error_indivisible_sharding(ckpts, mesh):
+    spec = voc.table_sharding(mesh, sharding.DEFAULT_RULES)
+    with pytest.raises(voc.VocabularyError, match=r"\(255, 64\).*num_tokens"):
+        voc.load_embedding_table(ckpts["root"] / "single", sharding=spec, num_tokens=255)
+
+
+# ---------------------------------------------------------------------------------------------- linen
+
+
+class _Toy(nn.Module):
+    """Resampler-shaped: logits over the vocabulary -> softmax -> mix the rows of L."""
+
+    @nn.compact
+    def __call__(self, x):
+        table = voc.FrozenVocabulary(VOCAB, WIDTH, name="vocabulary")()
+        return jax.nn.softmax(nn.Dense(VOCAB)(x)) @ table
+
+
+def test_frozen_vocabulary_install_and_grads(ckpts, mesh):
+    model, x = _Toy(), jnp.ones((4, 8))
+    variables, _ = sharding.sharded_init(model.init, mesh, sharding.DEFAULT_RULES, jax.random.key(0), x)
+    assert set(variables) == {"params", "frozen"}
+    placeholder = variables["frozen"]["vocabulary"]["table"]
+    assert placeholder.sharding.spec == P("tensor", "fsdp")
+    assert 0.01 < float(jnp.std(placeholder)) < 0.03  # normal(0.02)
+
+    spec = voc.table_sharding(mesh, sharding.DEFAULT_RULES)
+    table = voc.load_embedding_table(ckpts["root"] / "single", sharding=spec)
+    variables = voc.install_table(variables, table)
+    installed = variables["frozen"]["vocabulary"]["table"]
+    assert installed.sharding == placeholder.sharding
+    np.testing.assert_array_equal(np.asarray(installed), ckpts["ref"])
+
+    def loss(params, frozen):
+        return jnp.mean(model.apply({"params": params, "frozen": frozen}, x) ** 2)
+
+    g_params, g_frozen = jax.grad(loss, argnums=(0, 1))(variables["params"], variables["frozen"])
+    assert set(g_params) == {"Dense_0"}  # the table is not a parameter
+    assert not np.any(np.asarray(g_frozen["vocabulary"]["table"]))  # and stop_gradient holds it
+    with pytest.raises(voc.VocabularyError, match="frozen"):
+        model.apply({"params": variables["params"]}, x)
+
+
+def test_install_table_boxed_and_errors():
+    model = voc.FrozenVocabulary(8, 4)
+    boxed = model.init(jax.random.key(0))  # LogicallyPartitioned, as before sharded_init unboxes
+    assert isinstance(boxed["frozen"]["table"], nn.LogicallyPartitioned)
+    table = np.arange(32, dtype=np.float32).reshape(8, 4)
+    out = voc.install_table(boxed, table, path=("frozen", "table"))
+    assert out["frozen"]["table"].names == voc.TABLE_AXES
+    np.testing.assert_array_equal(np.asarray(model.apply(nn.unbox(out))), table)
+    with pytest.raises(voc.VocabularyError, match=r"\(6, 4\).*frozen/table.*num_tokens=8"):
+        voc.install_table(boxed, table[:6])
+    with pytest.raises(voc.VocabularyError, match="exactly one"):
+        voc.install_table({"frozen": {}}, table)
+    with pytest.raises(voc.VocabularyError, match="frozen/other"):
+        voc.install_table(boxed, table, path=("frozen", "other"))

@@ -1,0 +1,81 @@
+"""Small building blocks shared by the modules: named dense/conv layers, attention, init helpers."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+
+xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros
+ones = nn.initializers.ones
+
+
+def named(init, names: Sequence[str | None]):
+    """An initializer whose parameter carries logical axis names (sharded by the mesh rules)."""
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+def dense(features: int, names: tuple[str | None, str | None], *, dtype=jnp.float32, use_bias=True,
+          kernel_init=xavier_uniform, bias_init=zeros, name=None) -> nn.Dense:
+    """nn.Dense with logical names on kernel (in, out) and bias (out)."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=named(kernel_init, names), bias_init=named(bias_init, names[1:]),
+                    name=name)
+
+
+def layer_norm(eps: float, *, dtype=jnp.float32, axis_name="embed", affine=True, name=None) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_bias=affine, use_scale=affine,
+                        scale_init=named(ones, (axis_name,)), bias_init=named(zeros, (axis_name,)), name=name)
+
+
+def gelu(x):
+    return nn.gelu(x, approximate=False)  # torch's nn.GELU default: exact erf
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with qkv bias; `valid` masks out padded keys."""
+    num_heads: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, valid=None, *, train: bool = False):
+        b, s, d = x.shape
+        head_dim = d // self.num_heads
+        qkv = dense(3 * d, ("embed", "mlp"), dtype=self.dtype, name="qkv")(x)
+        qkv = qkv.reshape(b, s, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
+        if valid is not None:
+            logits = jnp.where(valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1)
+        weights = nn.Dropout(self.dropout)(weights, deterministic=not train)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v).reshape(b, s, d)
+        out = dense(d, ("mlp", "embed"), dtype=self.dtype, name="proj")(out)
+        return nn.Dropout(self.dropout)(out, deterministic=not train)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN ViT block (MAR / timm style): attention and a GELU MLP of ratio 4, both with dropout."""
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, valid=None, *, train: bool = False):
+        d = x.shape[-1]
+        h = layer_norm(self.eps, dtype=self.dtype, name="norm1")(x)
+        x = x + Attention(self.num_heads, self.dropout, self.dtype, name="attn")(h, valid, train=train)
+        h = layer_norm(self.eps, dtype=self.dtype, name="norm2")(x)
+        h = gelu(dense(int(d * self.mlp_ratio), ("embed", "mlp"), dtype=self.dtype, name="fc1")(h))
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = dense(d, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        x = x + h
+        return nn.with_logical_constraint(x, ("batch", "seq", "embed"))

@@ -1,0 +1,127 @@
+"""Cosine-similarity EMA codebook with the rotation-trick gradient (REFERENCE.md section 3).
+
+The codebook and its EMA statistics live in the mutable 'vq' collection, not in 'params': they are
+updated by the EMA rule, never by the optimizer. All sums run over the whole (global) batch; under
+jit with a batch-sharded input XLA inserts the cross-replica reduction, so the statistics are
+summed over every data-parallel shard without any explicit psum.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from v2flow_jax.models.layers import named
+
+NORM_EPS = 1e-6
+
+
+def l2_normalize(x, eps=NORM_EPS):
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def kaiming_uniform_unit_codes(rng, shape, dtype=jnp.float32):
+    """Kaiming-uniform noise (bound sqrt(6 / dim)), each code then put on the unit sphere."""
+    bound = jnp.sqrt(6.0 / shape[-1])
+    return l2_normalize(jax.random.uniform(rng, shape, dtype, -bound, bound))
+
+
+def rotate_to(x, q):
+    """Rotation trick (arXiv 2410.06424): returns q in the forward pass; the gradient reaching x is
+    the one at q carried back by the (constant) rotation-and-rescale that maps x onto q."""
+    u = jax.lax.stop_gradient(l2_normalize(x))
+    q_hat = jax.lax.stop_gradient(l2_normalize(q))
+    w = jax.lax.stop_gradient(l2_normalize(u + q_hat))
+    scale = jax.lax.stop_gradient(jnp.linalg.norm(q, axis=-1, keepdims=True)
+                                  / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), NORM_EPS))
+    dot = lambda a, b: jnp.sum(a * b, axis=-1, keepdims=True)
+    return scale * (x - 2.0 * dot(x, w) * w + 2.0 * dot(x, u) * q_hat)
+
+
+def ema_update(codebook_state, unit_inputs, onehot, decay, eps):
+    """One EMA step of (cluster_size, embed_sum) and the new unit codebook (vector-quantize style)."""
+    counts = onehot.sum(0)
+    sums = onehot.T @ unit_inputs
+    cluster_size = decay * codebook_state["cluster_size"] + (1 - decay) * counts
+    embed_sum = decay * codebook_state["embed_sum"] + (1 - decay) * sums
+    total = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (total + cluster_size.shape[0] * eps) * total  # Laplace smoothing
+    codebook = l2_normalize(embed_sum / smoothed[:, None])
+    return {"codebook": codebook, "cluster_size": cluster_size, "embed_sum": embed_sum}
+
+
+def restart_dead_codes(rng, state, unit_inputs, threshold):
+    """Codes whose EMA cluster size fell below `threshold` are moved onto random inputs of the batch."""
+    dead = state["cluster_size"] < threshold
+    picks = jax.random.randint(rng, dead.shape, 0, unit_inputs.shape[0])
+    fresh = unit_inputs[picks]
+    return {
+        "codebook": jnp.where(dead[:, None], fresh, state["codebook"]),
+        "embed_sum": jnp.where(dead[:, None], fresh * threshold, state["embed_sum"]),
+        "cluster_size": jnp.where(dead, threshold, state["cluster_size"]),
+    }, dead.sum()
+
+
+def usage_stats(onehot):
+    """Fraction of codes hit by this batch and the perplexity of their empirical distribution."""
+    probs = onehot.mean(0)
+    perplexity = jnp.exp(-jnp.sum(probs * jnp.log(probs + 1e-10)))
+    return {"codebook_usage": jnp.mean(probs > 0), "codebook_perplexity": perplexity}
+
+
+class CosineQuantizer(nn.Module):
+    """K codes in R^d. `__call__(x, update=...)` returns (quantized, indices, aux).
+
+    The EMA update runs only when `update=True` and the 'vq' collection is mutable (training).
+    """
+    codebook_size: int
+    dim: int
+    decay: float = 0.8
+    eps: float = 1e-5
+    dead_code_threshold: float = 0.0   # 0 = no restart (the release)
+
+    def setup(self):
+        init = named(kaiming_uniform_unit_codes, ("codes", "llm_embed"))
+        self.codebook = self.variable("vq", "codebook", lambda: init(self.make_rng("params"),
+                                                                     (self.codebook_size, self.dim)))
+        unboxed = nn.unbox(self.codebook.value)
+        self.embed_sum = self.variable("vq", "embed_sum", lambda: nn.LogicallyPartitioned(
+            unboxed, names=("codes", "llm_embed")))
+        self.cluster_size = self.variable("vq", "cluster_size", lambda: nn.LogicallyPartitioned(
+            jnp.zeros((self.codebook_size,), jnp.float32), names=("codes",)))
+
+    def _codes(self):
+        return nn.unbox(self.codebook.value)
+
+    def lookup(self, indices):
+        """Token ids (any shape) -> unit code vectors (..., d)."""
+        return jnp.take(self._codes(), indices, axis=0)
+
+    def nearest(self, x):
+        """Indices of the most cosine-similar codes, and the normalised inputs."""
+        unit = l2_normalize(x.astype(jnp.float32))
+        sim = jnp.einsum("...d,kd->...k", unit, self._codes())
+        return jnp.argmax(sim, axis=-1), unit
+
+    def __call__(self, x, *, update: bool = False):
+        x = x.astype(jnp.float32)
+        indices, unit = self.nearest(x)
+        codes = self.lookup(indices)
+        commit = jnp.mean((jax.lax.stop_gradient(codes) - unit) ** 2)
+        quantized = rotate_to(x, codes)
+        flat_unit = unit.reshape(-1, self.dim)
+        onehot = jax.nn.one_hot(indices.reshape(-1), self.codebook_size, dtype=jnp.float32)
+        aux = {"commit_loss": commit, **usage_stats(onehot)}
+        if update and self.is_mutable_collection("vq"):
+            state = {"codebook": self._codes(), "cluster_size": nn.unbox(self.cluster_size.value),
+                     "embed_sum": nn.unbox(self.embed_sum.value)}
+            state = ema_update(state, jax.lax.stop_gradient(flat_unit), onehot, self.decay, self.eps)
+            if self.dead_code_threshold > 0:
+                state, n_dead = restart_dead_codes(self.make_rng("sample"), state,
+                                                   jax.lax.stop_gradient(flat_unit), self.dead_code_threshold)
+                aux["restarted_codes"] = n_dead
+            for name, var in (("codebook", self.codebook), ("cluster_size", self.cluster_size),
+                              ("embed_sum", self.embed_sum)):
+                boxed = isinstance(var.value, nn.meta.AxisMetadata)
+                var.value = var.value.replace_boxed(state[name]) if boxed else state[name]
+        return quantized, indices, aux
