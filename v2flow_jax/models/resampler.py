@@ -22,10 +22,9 @@ conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def _conv(features, kernel, *, groups=1, use_bias=False, dtype=jnp.float32, name=None):
-    in_name = None if groups > 1 else "channels"
     return nn.Conv(features, (kernel, kernel), padding="SAME", feature_group_count=groups, use_bias=use_bias,
                    dtype=dtype, param_dtype=jnp.float32,
-                   kernel_init=named(conv_init, ("kernel", "kernel", in_name, "channels")),
+                   kernel_init=named(conv_init, (None, None, None, "channels")),
                    bias_init=named(zeros, ("channels",)), name=name)
 
 

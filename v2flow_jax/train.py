@@ -1,0 +1,266 @@
+"""Training the tokenizer: `train_and_evaluate(config, workdir)` (big_vision / flax-examples style).
+
+The state is created sharded (eval_shape -> jit with out_shardings), the step is one pure, donated,
+jitted function with explicit shardings, and everything that defines where a run stands (params,
+optimizer, weight EMA, quantizer statistics, step, rng, data-iterator position) goes into the
+checkpoint, so a killed run restarted with the same command continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import functools
+import re
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import linen as nn
+
+from v2flow_jax import build, checkpointing, evaluate, input_pipeline, sharding
+from v2flow_jax.models import tokenizer as tokenizer_lib
+
+# Dense peak FLOP/s per device for the utilisation figure (bf16 for accelerators; the CPU figure is
+# the f32 matmul rate measured on the project's 2-core development machine).
+PEAK_FLOPS = {"cpu": 200e9, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any      # None when config.ema_decay == 0
+    vq: Any              # codebook + EMA statistics (collection 'vq'), updated by the EMA rule
+    rng: jax.Array       # uint32 key data (checkpointable)
+
+
+# ------------------------------------------------------------------------------------ optimizer
+def learning_rate_schedule(config) -> optax.Schedule:
+    peak = config.optim.base_lr * config.batch_size / 256
+    warmup = max(int(config.optim.warmup_steps), 0)
+    if config.optim.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    else:
+        after = optax.cosine_decay_schedule(peak, max(config.num_steps - warmup, 1), alpha=config.optim.min_lr_ratio)
+    if not warmup:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def _path(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def decay_mask(params):
+    """Weight decay on matrices and tables only: biases, norm scales and single vectors are exempt."""
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    o = config.optim
+    tx = optax.chain(
+        optax.clip_by_global_norm(o.grad_clip),
+        optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask),
+    )
+    if not o.frozen_params:
+        return tx
+    pattern = re.compile(o.frozen_params)
+    labels = lambda params: jax.tree_util.tree_map_with_path(
+        lambda p, _: "frozen" if pattern.search(_path(p)) else "train", params)
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+# ----------------------------------------------------------------------------------------- state
+def init_state_tree(run: build.Run, tx, rng):
+    """(TrainState, frozen variables) with LogicallyPartitioned boxes; pure, for eval_shape and jit."""
+    init_rng, state_rng = jax.random.split(rng)
+    variables = tokenizer_lib.init_variables(run.model, init_rng)
+    params = variables["params"]
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       ema_params=params if run.config.ema_decay > 0 else None, vq=variables["vq"],
+                       rng=jax.random.key_data(state_rng))
+    return state, variables.get("frozen", {})
+
+
+def init_state(run: build.Run, tx, rng):
+    """Returns (state, frozen_variables, state_shardings), all created in their shardings."""
+    (state, frozen), (state_sh, _) = sharding.sharded_init(lambda: init_state_tree(run, tx, rng), run.mesh,
+                                                           run.rules)
+    return state, frozen, state_sh
+
+
+def abstract_state(state, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+# ------------------------------------------------------------------------------------- the step
+def batch_latents(run: build.Run, batch):
+    if "latent" in batch:
+        return batch["latent"].astype(jnp.float32) * run.autoencoder.scale
+    return build.encode_images(run, batch["image"])
+
+
+def _tree_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def train_step(run: build.Run, tx, state: TrainState, batch, frozen):
+    """One optimizer step. Pure: (state, batch, frozen) -> (new state, metrics)."""
+    model = run.model
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    sample_rng, dropout_rng = jax.random.split(rng)
+    latents = batch_latents(run, batch)
+
+    def loss_fn(params):
+        variables = {"params": params, "vq": state.vq, "frozen": frozen}
+        (loss, aux), updates = model.apply(variables, latents, train=True, mutable=["vq"],
+                                           rngs={"sample": sample_rng, "dropout": dropout_rng})
+        return loss, (aux, updates["vq"])
+
+    (loss, (aux, vq)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+        d = run.config.ema_decay
+        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # NaN/inf guard: a bad step leaves the model untouched (and is counted); the host stops the run
+    # after config.max_nonfinite_steps bad steps in a row.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state),
+                              ema_params=None if ema is None else keep(ema, state.ema_params),
+                              vq=keep(vq, state.vq))
+    metrics = {**aux, "grad_norm": grad_norm, "param_norm": _tree_norm(params),
+               "learning_rate": learning_rate_schedule(run.config)(state.step), "nonfinite": 1.0 - finite}
+    return new_state, metrics
+
+
+def compile_train_step(run: build.Run, tx, state, state_sh, frozen, batch):
+    """Jits the step with explicit shardings and state donation; returns (compiled, flops per step)."""
+    batch_sh = jax.tree.map(lambda x: sharding.batch_sharding(run.mesh, x.ndim), batch)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+    step_fn = jax.jit(functools.partial(train_step, run, tx), in_shardings=(state_sh, batch_sh, frozen_sh),
+                      out_shardings=(state_sh, sharding.replicated(run.mesh)), donate_argnums=(0,))
+    with sharding.use_mesh(run.mesh, run.rules):
+        compiled = step_fn.lower(state, batch, frozen).compile()
+    return compiled, flops_of(compiled)
+
+
+def flops_of(compiled) -> float:
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", 0.0))
+    except Exception:  # cost analysis is best effort on some backends
+        return 0.0
+
+
+def peak_flops(config) -> float:
+    if config.peak_flops_per_device:
+        return float(config.peak_flops_per_device)
+    kind = jax.devices()[0].device_kind
+    platform = jax.devices()[0].platform
+    for name, value in PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return value
+    return PEAK_FLOPS.get(platform, 0.0)
+
+
+# ---------------------------------------------------------------------------------------- the loop
+def _host_batch(it):
+    batch = next(it)
+    return {k: v for k, v in batch.items() if k in ("image", "latent")}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains for config.num_steps (resuming from workdir), evaluating and checkpointing on the way.
+
+    Returns the last evaluation's metrics.
+    """
+    from clu import metric_writers
+
+    run = build.build_run(config)
+    tx = make_optimizer(config)
+    state, frozen, state_sh = init_state(run, tx, jax.random.key(config.seed))
+    frozen = build.install_vocabulary(run, {"frozen": frozen})["frozen"]
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                      save_interval_steps=config.checkpoint_every)
+    per_host_batch = config.batch_size // jax.process_count()
+    train_iter, num_train = input_pipeline.create_dataset(config.data, split="train", batch_size=per_host_batch,
+                                                          seed=config.seed, train=True)
+    start = ckpt.latest_step()
+    if start is not None:
+        state, data_state, _ = ckpt.restore(start, abstract_state=abstract_state(state, state_sh))
+        if data_state is not None:
+            train_iter.set_state(data_state)
+        logging.info("Resumed from %s at step %d.", ckpt.directory, start)
+    start = int(state.step)
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    if start == 0:
+        writer.write_hparams({k: v for k, v in flatten_config(config).items()})
+    evaluator = evaluate.Evaluator(run, workdir)
+    metrics_json = {}
+    if start == 0 and config.eval.at_start:
+        metrics_json = evaluator.run(state_params(state, config), state.vq, frozen, step=0, writer=writer)
+
+    batch = sharding.put_batch(_host_batch(train_iter), run.mesh)
+    step_fn, flops = compile_train_step(run, tx, state, state_sh, frozen, batch)
+    peak = peak_flops(config) * jax.device_count()
+    logging.info("Train step: %.3g GFLOP per step (XLA cost analysis), %d training records, global batch %d.",
+                 flops / 1e9, num_train, config.batch_size)
+
+    bad_in_a_row, t_last, steps_since = 0, time.perf_counter(), 0
+    for step in range(start, config.num_steps):
+        if step > start:
+            batch = sharding.put_batch(_host_batch(train_iter), run.mesh)
+        state, metrics = step_fn(state, batch, frozen)
+        done = step + 1
+        steps_since += 1
+        if done % config.log_every == 0 or done == config.num_steps:
+            metrics = jax.device_get(metrics)
+            bad_in_a_row = bad_in_a_row + 1 if metrics["nonfinite"] else 0
+            elapsed = time.perf_counter() - t_last
+            step_time = elapsed / steps_since
+            scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
+            scalars.update(step_time_s=step_time, images_per_s=config.batch_size / step_time,
+                           mfu=(flops / step_time / peak) if peak and flops else 0.0)
+            writer.write_scalars(done, scalars)
+            logging.info("step %d/%d  loss %.4f (flow %.4f, commit %.2e)  usage %.3f  ppl %.1f  |g| %.3f  "
+                         "lr %.2e  %.1f img/s  MFU %.1f%%  skipped input %s", done, config.num_steps,
+                         scalars["loss"], scalars["flow_loss"], scalars["commit_loss"], scalars["codebook_usage"],
+                         scalars["codebook_perplexity"], scalars["grad_norm"], scalars["learning_rate"],
+                         scalars["images_per_s"], 100 * scalars["mfu"], train_iter.stats.summary())
+            t_last, steps_since = time.perf_counter(), 0
+            if bad_in_a_row >= config.max_nonfinite_steps:
+                raise FloatingPointError(f"{bad_in_a_row} log steps in a row had a NaN/inf loss or gradient at step "
+                                         f"{done}; lower config.optim.base_lr or use model.dtype='float32'.")
+        if done % config.eval_every == 0 or done == config.num_steps:
+            metrics_json = evaluator.run(state_params(state, config), state.vq, frozen, step=done, writer=writer)
+        ckpt.save(done, state, data_state=train_iter.get_state(), config=config, force=done == config.num_steps)
+    ckpt.close()
+    writer.flush()
+    return metrics_json
+
+
+def state_params(state: TrainState, config):
+    return state.ema_params if (config.eval.use_ema and state.ema_params is not None) else state.params
+
+
+def flatten_config(config, prefix="") -> dict:
+    out = {}
+    for k, v in config.items():
+        if hasattr(v, "items"):
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[f"{prefix}{k}"] = v
+    return out
