@@ -38,12 +38,15 @@ def validate(config) -> None:
     need(config.mode in MODES, "mode", f"must be one of {MODES}")
     need(config.image_size > 0, "image_size", "must be a positive number of pixels")
     need(config.batch_size > 0, "batch_size", "must be positive (the global batch)")
-    need(config.autoencoder.name in autoencoders.AUTOENCODERS, "autoencoder.name",
-         f"must be one of {autoencoders.AUTOENCODERS}")
+    need(config.autoencoder.name in AUTOENCODER_NAMES, "autoencoder.name", f"must be one of {AUTOENCODER_NAMES}")
     need(config.optim.schedule in ("cosine", "constant"), "optim.schedule", "must be 'cosine' or 'constant'")
     need(0.0 <= config.ema_decay < 1.0, "ema_decay", "must lie in [0, 1) (0 turns the weight EMA off)")
     need(config.data.image_size == config.image_size or config.data.source == "latents", "data.image_size",
          f"must equal config.image_size={config.image_size}")
+
+
+# 'none': the data are latents already (cached, or handed to the API); no decoder to pixels.
+AUTOENCODER_NAMES = autoencoders.AUTOENCODERS + ("none",)
 
 
 def _get(config, dotted):
@@ -52,13 +55,21 @@ def _get(config, dotted):
     return config
 
 
-def build_autoencoder(config):
-    """The frozen latent space and its parameters (converted diffusers weights when a checkpoint is set)."""
+def build_autoencoder(config, with_params: bool = True):
+    """The frozen latent space and its parameters (converted diffusers weights when a checkpoint is set).
+
+    `with_params=False` skips loading/initialising the weights (returns None for them).
+    """
     ae_cfg = config.autoencoder
     dtype = jnp.dtype(ae_cfg.get("dtype", "float32"))
+    if ae_cfg.name == "none":
+        from v2flow_jax.models.autoencoders.pixels import IdentityLatents
+        return IdentityLatents(config.model.latent_channels), {}
     if ae_cfg.name == "pixels":
         return autoencoders.build_autoencoder("pixels", patch_size=ae_cfg.patch_size), {}
     from v2flow_jax.convert import dc_ae as dc_ae_convert
+    if not with_params:
+        return autoencoders.build_autoencoder(ae_cfg.name, dtype=dtype), None
     if ae_cfg.checkpoint:
         return dc_ae_convert.load_autoencoder(ae_cfg.checkpoint, dtype=dtype)
     logging.warning("config.autoencoder.checkpoint is empty: the %s autoencoder has RANDOM weights. "
@@ -80,6 +91,13 @@ def tokenizer_config(config, ae) -> tokenizer_lib.TokenizerConfig:
         raise ValueError(f"config.model.latent_channels={cfg.latent_channels} but the {config.autoencoder.name} "
                          f"autoencoder has {channels} channels: set config.model.latent_channels={channels}.")
     return cfg
+
+
+def build_model(config):
+    """(tokenizer, autoencoder) without touching devices or weights: enough for shapes and tables."""
+    validate(config)
+    ae, _ = build_autoencoder(config, with_params=False)
+    return tokenizer_lib.build_tokenizer(tokenizer_config(config, ae)), ae
 
 
 def build_run(config, devices=None) -> Run:
@@ -144,5 +162,7 @@ def encode_images(run: Run, images):
 
 
 def decode_latents(run: Run, latents):
+    if run.config.autoencoder.name == "none":
+        return latents / run.autoencoder.scale
     images = run.autoencoder.decode(run.ae_params, latents / run.autoencoder.scale)
     return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)

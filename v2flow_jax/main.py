@@ -41,8 +41,8 @@ def main(argv):
                  jax.device_count(), jax.devices()[0].device_kind)
 
     if config.mode == "params":
-        from v2flow_jax import build, summary
-        print(summary.parameter_table(build.build_run(config)))
+        from v2flow_jax import summary
+        print(summary.parameter_table(config))
         return
     os.makedirs(workdir, exist_ok=True)
     if config.mode == "train":

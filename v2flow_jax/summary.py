@@ -35,11 +35,13 @@ def tokenizer_components(model) -> list[tuple[str, int, str]]:
     return rows
 
 
-def parameter_table(run: build.Run) -> str:
-    rows = tokenizer_components(run.model)
-    ae_shapes = jax.eval_shape(run.autoencoder.init_params, jax.random.key(0)) if run.ae_params else {}
-    if ae_shapes:
-        rows.append((f"autoencoder {run.config.autoencoder.name}", _count(ae_shapes), "frozen"))
+def parameter_table(config) -> str:
+    """Markdown table of a run config's parameters; needs no devices and allocates nothing."""
+    model, ae = build.build_model(config)
+    rows = tokenizer_components(model)
+    ae_count = _count(jax.eval_shape(ae.init_params, jax.random.key(0)))
+    if ae_count:
+        rows.append((f"autoencoder {config.autoencoder.name}", ae_count, "frozen"))
     trained = sum(n for _, n, how in rows if how == "trained")
     lines = ["| component | parameters | M | updated by |", "|---|---:|---:|---|"]
     lines += [f"| {name} | {n:,} | {n / 1e6:.2f} | {how} |" for name, n, how in rows]

@@ -271,6 +271,11 @@ class FrozenBatchNorm(nn.Module):
         return (x.astype(jnp.float32) * mult + (bias.astype(jnp.float32) - mean.value * mult)).astype(self.dtype)
 
 
+def _dt(module: nn.Module) -> dict[str, Dtype]:
+    """A module's compute and parameter dtypes, passed on to its children."""
+    return {"dtype": module.dtype, "param_dtype": module.param_dtype}
+
+
 def norm_layer(norm_type: str, *, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Module:
     if norm_type == "rms_norm":
         return RMSNorm(dtype=dtype, param_dtype=param_dtype, name=name)
@@ -292,10 +297,10 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        h = conv(c, 3, ("channels", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype, name="conv1")(x)
+        h = conv(c, 3, ("channels", "mlp"), **_dt(self), name="conv1")(x)
         h = ACTIVATIONS[self.act_fn](h)
-        h = conv(c, 3, ("mlp", "channels"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="conv2")(h)
-        return norm_layer(self.norm_type, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(h) + x
+        h = conv(c, 3, ("mlp", "channels"), use_bias=False, **_dt(self), name="conv2")(h)
+        return norm_layer(self.norm_type, **_dt(self), name="norm")(h) + x
 
 
 class MultiscaleProjection(nn.Module):
@@ -308,9 +313,9 @@ class MultiscaleProjection(nn.Module):
     @nn.compact
     def __call__(self, qkv):
         c = qkv.shape[-1]
-        h = conv(c, self.kernel_size, (None, "heads"), groups=c, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        h = conv(c, self.kernel_size, (None, "heads"), groups=c, use_bias=False, **_dt(self),
                  name="proj_in")(qkv)
-        return conv(c, 1, (None, "heads"), groups=3 * self.num_heads, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        return conv(c, 1, (None, "heads"), groups=3 * self.num_heads, use_bias=False, **_dt(self),
                     name="proj_out")(h)
 
 
@@ -342,9 +347,9 @@ class LiteMLA(nn.Module):
         b, h, w, c = x.shape
         heads = c // self.head_dim
         inner = heads * self.head_dim
-        qkv = jnp.concatenate([dense(inner, ("channels", "heads"), dtype=self.dtype, param_dtype=self.param_dtype, name=n)(x)
+        qkv = jnp.concatenate([dense(inner, ("channels", "heads"), **_dt(self), name=n)(x)
                                for n in ("to_q", "to_k", "to_v")], axis=-1)
-        scales = [qkv] + [MultiscaleProjection(k, heads, dtype=self.dtype, param_dtype=self.param_dtype, name=f"to_qkv_multiscale_{i}")(qkv)
+        scales = [qkv] + [MultiscaleProjection(k, heads, **_dt(self), name=f"to_qkv_multiscale_{i}")(qkv)
                           for i, k in enumerate(self.kernel_sizes)]
         # Heads are consecutive runs of 3*head_dim channels of the stacked tensor (EfficientViT's layout,
         # which the checkpoints were trained with), split into q, k, v of head_dim each.
@@ -354,8 +359,8 @@ class LiteMLA(nn.Module):
         q, k = nn.relu(q), nn.relu(k)
         attend = relu_linear_attention if h * w > self.head_dim else relu_quadratic_attention
         out = attend(q, k, v).reshape(b, h, w, -1).astype(self.dtype)
-        out = dense(c, ("heads", "channels"), dtype=self.dtype, param_dtype=self.param_dtype, name="to_out")(out)
-        return norm_layer(self.norm_type, dtype=self.dtype, param_dtype=self.param_dtype, name="norm_out")(out) + x
+        out = dense(c, ("heads", "channels"), **_dt(self), name="to_out")(out)
+        return norm_layer(self.norm_type, **_dt(self), name="norm_out")(out) + x
 
 
 class GLUMBConv(nn.Module):
@@ -368,13 +373,13 @@ class GLUMBConv(nn.Module):
     def __call__(self, x):
         c = x.shape[-1]
         hidden = int(self.expand_ratio * c)
-        h = conv(2 * hidden, 1, ("channels", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype, name="conv_inverted")(x)
+        h = conv(2 * hidden, 1, ("channels", "mlp"), **_dt(self), name="conv_inverted")(x)
         h = nn.silu(h)
-        h = conv(2 * hidden, 3, (None, "mlp"), groups=2 * hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_depth")(h)
+        h = conv(2 * hidden, 3, (None, "mlp"), groups=2 * hidden, **_dt(self), name="conv_depth")(h)
         h, gate = jnp.split(h, 2, axis=-1)
         h = h * nn.silu(gate)
-        h = conv(c, 1, ("mlp", "channels"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_point")(h)
-        return RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(h) + x
+        h = conv(c, 1, ("mlp", "channels"), use_bias=False, **_dt(self), name="conv_point")(h)
+        return RMSNorm(**_dt(self), name="norm")(h) + x
 
 
 class EfficientViTBlock(nn.Module):
@@ -386,8 +391,8 @@ class EfficientViTBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = LiteMLA(self.head_dim, self.kernel_sizes, self.norm_type, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(x)
-        return GLUMBConv(dtype=self.dtype, param_dtype=self.param_dtype, name="conv_out")(x)
+        x = LiteMLA(self.head_dim, self.kernel_sizes, self.norm_type, **_dt(self), name="attn")(x)
+        return GLUMBConv(**_dt(self), name="conv_out")(x)
 
 
 class DownBlock(nn.Module):
@@ -402,10 +407,10 @@ class DownBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         if self.pixel_unshuffle:
-            y = conv(self.out_channels // 4, 3, self.in_names + ("mlp",), dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+            y = conv(self.out_channels // 4, 3, self.in_names + ("mlp",), **_dt(self), name="conv")(x)
             y = pixel_unshuffle(y)
         else:
-            y = conv(self.out_channels, 3, self.in_names + ("mlp",), stride=2, dtype=self.dtype, param_dtype=self.param_dtype,
+            y = conv(self.out_channels, 3, self.in_names + ("mlp",), stride=2, **_dt(self),
                      name="conv")(x)
         if self.shortcut:
             y = y + channel_group_mean(pixel_unshuffle(x), self.out_channels)
@@ -425,9 +430,9 @@ class UpBlock(nn.Module):
     def __call__(self, x):
         names = ("channels",) + self.out_names
         if self.interpolate:
-            y = conv(self.out_channels, 3, names, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(upsample_nearest(x))
+            y = conv(self.out_channels, 3, names, **_dt(self), name="conv")(upsample_nearest(x))
         else:
-            y = pixel_shuffle(conv(4 * self.out_channels, 3, names, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x))
+            y = pixel_shuffle(conv(4 * self.out_channels, 3, names, **_dt(self), name="conv")(x))
         if self.shortcut:
             y = y + pixel_shuffle(repeat_channels(x, 4 * self.out_channels))
         return y
@@ -460,20 +465,20 @@ class Encoder(nn.Module):
         unshuffle = cfg.downsample_block_type == "pixel_unshuffle"
         x = x.astype(self.dtype)
         if depths[0] > 0:
-            x = conv(widths[0], 3, (None, "mlp"), dtype=self.dtype, param_dtype=self.param_dtype, name="conv_in")(x)
+            x = conv(widths[0], 3, (None, "mlp"), **_dt(self), name="conv_in")(x)
         else:  # an empty first stage: the stem itself goes down to the second stage's width
-            x = DownBlock(widths[1], unshuffle, shortcut=False, in_names=(None,), dtype=self.dtype, param_dtype=self.param_dtype,
+            x = DownBlock(widths[1], unshuffle, shortcut=False, in_names=(None,), **_dt(self),
                           name="conv_in")(x)
         for i, (width, depth) in enumerate(zip(widths, depths)):
             # The encoder always uses RMS norm and SiLU (diffusers hard-codes them).
             for j in range(depth):
                 x = make_block(cfg.encoder_block_types[i], head_dim=cfg.attention_head_dim,
                                kernel_sizes=cfg.encoder_qkv_multiscales[i], norm_type="rms_norm", act_fn="silu",
-                               dtype=self.dtype, param_dtype=self.param_dtype, name=f"down_blocks_{i}_{j}")(x)
+                               **_dt(self), name=f"down_blocks_{i}_{j}")(x)
             if i < len(widths) - 1 and depth > 0:
-                x = DownBlock(widths[i + 1], unshuffle, shortcut=True, dtype=self.dtype, param_dtype=self.param_dtype,
+                x = DownBlock(widths[i + 1], unshuffle, shortcut=True, **_dt(self),
                               name=f"down_blocks_{i}_{depth}")(x)
-        y = conv(cfg.latent_channels, 3, ("channels", "latent"), dtype=self.dtype, param_dtype=self.param_dtype, name="conv_out")(x)
+        y = conv(cfg.latent_channels, 3, ("channels", "latent"), **_dt(self), name="conv_out")(x)
         if cfg.encoder_out_shortcut:
             y = y + channel_group_mean(x, cfg.latent_channels)
         return y
@@ -491,24 +496,24 @@ class Decoder(nn.Module):
         widths, depths = cfg.decoder_block_out_channels, cfg.decoder_layers_per_block
         interpolate = cfg.upsample_block_type == "interpolate"
         z = z.astype(self.dtype)
-        x = conv(widths[-1], 3, ("latent", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype, name="conv_in")(z)
+        x = conv(widths[-1], 3, ("latent", "mlp"), **_dt(self), name="conv_in")(z)
         if cfg.decoder_in_shortcut:
             x = x + repeat_channels(z, widths[-1])
         for i in reversed(range(len(widths))):
             first = 0
             if i < len(widths) - 1 and depths[i] > 0:
-                x = UpBlock(widths[i], interpolate, shortcut=True, dtype=self.dtype, param_dtype=self.param_dtype, name=f"up_blocks_{i}_0")(x)
+                x = UpBlock(widths[i], interpolate, shortcut=True, **_dt(self), name=f"up_blocks_{i}_0")(x)
                 first = 1
             for j in range(depths[i]):
                 x = make_block(cfg.decoder_block_types[i], head_dim=cfg.attention_head_dim,
                                kernel_sizes=cfg.decoder_qkv_multiscales[i], norm_type=cfg.decoder_norm_types[i],
-                               act_fn=cfg.decoder_act_fns[i], dtype=self.dtype, param_dtype=self.param_dtype, name=f"up_blocks_{i}_{first + j}")(x)
-        x = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm_out")(x)
+                               act_fn=cfg.decoder_act_fns[i], **_dt(self), name=f"up_blocks_{i}_{first + j}")(x)
+        x = RMSNorm(**_dt(self), name="norm_out")(x)
         x = ACTIVATIONS[cfg.decoder_conv_act_fn](x)
         if depths[0] > 0:
-            x = conv(cfg.in_channels, 3, ("channels", None), dtype=self.dtype, param_dtype=self.param_dtype, name="conv_out")(x)
+            x = conv(cfg.in_channels, 3, ("channels", None), **_dt(self), name="conv_out")(x)
         else:
-            x = UpBlock(cfg.in_channels, interpolate, shortcut=False, out_names=(None,), dtype=self.dtype, param_dtype=self.param_dtype,
+            x = UpBlock(cfg.in_channels, interpolate, shortcut=False, out_names=(None,), **_dt(self),
                         name="conv_out")(x)
         return x
 
@@ -520,8 +525,8 @@ class DCAE(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        self.encoder = Encoder(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.decoder = Decoder(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.encoder = Encoder(self.config, **_dt(self))
+        self.decoder = Decoder(self.config, **_dt(self))
 
     def encode(self, images):
         return self.encoder(images)

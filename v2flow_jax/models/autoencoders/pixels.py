@@ -48,3 +48,22 @@ class PixelAutoencoder:
     def decode(self, params, latents):
         del params
         return unpatchify(jnp.asarray(latents), self.patch_size, self.image_channels)
+
+
+class IdentityLatents:
+    """No autoencoder: the data already are latents (B, h, w, C), e.g. cached ones, fed as they are."""
+
+    def __init__(self, channels: int):
+        self.stride, self.channels, self.scale = 1, int(channels), 1.0
+
+    def init_params(self, rng=None):
+        del rng
+        return {}
+
+    def encode(self, params, latents):
+        del params
+        return jnp.asarray(latents)
+
+    def decode(self, params, latents):
+        del params
+        return jnp.asarray(latents)

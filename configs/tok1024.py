@@ -1,0 +1,33 @@
+r"""V2Flow tokenizer at 1024^2: the official release's default run (1024 tokens, LLaMA-2 vocabulary).
+
+Run (Cloud TPU v5p-256 or 48 H100s as in the release; see launch/README.md):
+    python -m v2flow_jax.main --config=configs/tok1024.py --workdir=gs://BUCKET/v2flow/tok1024 \
+        --config.data.source=folder --config.data.path=/data/highres_images \
+        --config.autoencoder.checkpoint=/path/to/dc-ae-f32c32-sana-1.1-diffusers \
+        --config.vocabulary.checkpoint=/path/to/Llama-2-7b-hf
+
+Model: DC-AE latents 32x32x32 (n = L = 1024), 'large' MAR, velocity MLP 1536 x 8, LLaMA-2
+vocabulary (32000 x 4096) with the full 1.04 B generator G: 1.56 B parameters in all
+(`--config.mode=params` prints the table). The release's cost: ~14.9 TFLOP per training image and
+~33 TFLOP per reconstruction (REFERENCE section 9). Shard G's 32000 x 32000 matrix and the vocabulary
+over 'tensor' (mesh below) so it does not sit whole on every chip. Global batch 768 (16 per GPU on
+48 GPUs in the release). Not yet run by us.
+
+Arguments: '' (default), 'novocab'.
+"""
+from v2flow_jax import config_defaults
+
+
+def get_config(arg: str = ""):
+    c = config_defaults.base_config()
+    c.image_size = c.data.image_size = 1024
+    c.autoencoder.name = "dc_ae_f32c32"
+    c.model.update(latent_size=32, latent_channels=32, preset="large", vocab_size=32000, vocab_dim=4096,
+                   dtype="bfloat16")
+    c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 4)]
+    if arg == "novocab":
+        c.model.vocab_size = 0
+        c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+    elif arg:
+        raise ValueError(f"configs/tok1024.py: unknown argument {arg!r}; use '' or 'novocab'.")
+    return c
