@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
         read_threads=16, prefetch_buffer_size=None,
         demo_eval_names=("astronaut", "coffee", "chelsea")))
 
+    # mode=cache_latents: encode config.data's split once (plus flips) into array_record parts.
+    c.cache = ml_collections.ConfigDict(dict(split="train", output_dir="", images_per_part=1024))
+
     # Optimisation (REFERENCE section 6): lr = base_lr * global_batch / 256.
     c.batch_size = 768            # global
     c.num_steps = 166_800         # 100 epochs of ImageNet-1k at 768

@@ -19,11 +19,19 @@ from v2flow_jax.metrics import image as image_metrics
 from v2flow_jax.metrics.codebook import CodebookUsage
 
 
-def reconstruct_images(run: build.Run, variables, images, rng):
-    """Pixels -> tokens -> pixels (pure; jit it). Returns (reconstructions, token ids)."""
-    latents = build.encode_images(run, images)
+def reconstruct_batch(run: build.Run, variables, data, rng):
+    """Pixels (or cached unscaled latents) -> tokens -> pixels (pure; jit it).
+
+    Returns (originals, reconstructions, token ids); originals are the input pixels, or the cached
+    latents decoded by the autoencoder. With autoencoder 'none' both stay latents.
+    """
+    if run.config.data.source != "latents":
+        originals, latents = data, build.encode_images(run, data)
+    else:
+        latents = data.astype(jnp.float32) * run.autoencoder.scale
+        originals = build.decode_latents(run, latents)
     recon, indices = sampling.reconstruct_latents(run.model, variables, latents, rng, run.sampler)
-    return build.decode_latents(run, recon), indices
+    return originals, build.decode_latents(run, recon), indices
 
 
 def _pad_to(x, rows):
@@ -40,7 +48,10 @@ class Evaluator:
         dp = sharding.data_parallel_size(run.mesh)
         # A fixed batch shape (padded to the data-parallel size) means one compilation for the whole run.
         self.batch_size = -(-cfg.eval.batch_size // dp) * dp
-        self._fn = jax.jit(functools.partial(reconstruct_images, run))
+        self._fn = jax.jit(functools.partial(reconstruct_batch, run))
+        # Pixel metrics need pixels: with autoencoder 'none' only a latent-space MSE is reported.
+        self.pixels = run.config.autoencoder.name != "none"
+        self._psnr, self._ssim = jax.jit(image_metrics.psnr), jax.jit(image_metrics.ssim)
 
     def _batches(self):
         cfg = self.run_.config
@@ -51,7 +62,7 @@ class Evaluator:
         for batch in it:
             if seen >= cfg.eval.num_images:
                 break
-            images = batch["image"][: cfg.eval.num_images - seen]
+            images = (batch["image"] if "image" in batch else batch["latent"])[: cfg.eval.num_images - seen]
             seen += images.shape[0]
             yield images
 
@@ -66,24 +77,32 @@ class Evaluator:
             for i, images in enumerate(self._batches()):
                 n = images.shape[0]
                 batch = sharding.put_batch(_pad_to(images, self.batch_size), run.mesh)
-                recon, indices = self._fn(variables, batch, jax.random.fold_in(rng, i))
-                recon, indices = np.asarray(recon)[:n], np.asarray(indices)[:n]
-                psnrs.append(np.asarray(image_metrics.psnr(images, recon)))
-                ssims.append(np.asarray(image_metrics.ssim(images, recon)))
+                originals, recon, indices = self._fn(variables, batch, jax.random.fold_in(rng, i))
+                images, recon, indices = (np.asarray(a)[:n] for a in (originals, recon, indices))
+                if self.pixels:
+                    psnrs.append(np.asarray(self._psnr(images, recon)))
+                    ssims.append(np.asarray(self._ssim(images, recon)))
+                else:
+                    psnrs.append(np.mean((images - recon) ** 2, axis=(1, 2, 3)))   # latent MSE
                 usage.update(indices)
                 if sum(len(r) for r in grid_rows) < cfg.eval.grid_images:
                     grid_rows.extend(zip(images, recon))
         if not psnrs:
             raise ValueError("the evaluation split yielded no images: check config.data (eval_path / "
                              "demo_eval_names) and config.eval.num_images.")
-        psnr, ssim = np.concatenate(psnrs), np.concatenate(ssims)
-        result = {"step": int(step), "psnr": float(psnr.mean()), "ssim": float(ssim.mean()),
-                  "num_images": int(psnr.size), "codebook_usage": usage.usage,
-                  "codebook_perplexity": usage.perplexity, "eval_seconds": time.perf_counter() - t0}
-        self._write(result, grid_rows[: cfg.eval.grid_images], writer)
-        logging.info("eval @ step %d: PSNR %.2f dB  SSIM %.4f  on %d images  codebook usage %.3f  (%.1f s)",
-                     step, result["psnr"], result["ssim"], result["num_images"], result["codebook_usage"],
-                     result["eval_seconds"])
+        first = np.concatenate(psnrs)
+        result = {"step": int(step), "num_images": int(first.size), "codebook_usage": usage.usage,
+                  "codebook_perplexity": usage.perplexity}
+        if self.pixels:
+            result.update(psnr=float(first.mean()), ssim=float(np.concatenate(ssims).mean()))
+        else:
+            result.update(latent_mse=float(first.mean()))
+        result["eval_seconds"] = time.perf_counter() - t0
+        self._write(result, grid_rows[: cfg.eval.grid_images] if self.pixels else [], writer)
+        logging.info("eval @ step %d: %s on %d images, codebook usage %.3f (%.1f s)", step,
+                     (f"PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.4f}" if self.pixels
+                      else f"latent MSE {result['latent_mse']:.4f}"),
+                     result["num_images"], result["codebook_usage"], result["eval_seconds"])
         return result
 
     def _write(self, result, pairs, writer):
@@ -91,9 +110,11 @@ class Evaluator:
             return
         out_dir = os.path.join(self.workdir, "eval")
         os.makedirs(out_dir, exist_ok=True)
-        # Each row: an original (left) beside its reconstruction (right).
-        grid = image_metrics.image_grid([list(p) for p in pairs])
-        image_metrics.save_png(os.path.join(out_dir, f"grid_step{result['step']:07d}.png"), grid)
+        grid = None
+        if pairs:
+            # Each row: an original (left) beside its reconstruction (right).
+            grid = image_metrics.image_grid([list(p) for p in pairs])
+            image_metrics.save_png(os.path.join(out_dir, f"grid_step{result['step']:07d}.png"), grid)
         path = os.path.join(self.workdir, "metrics.json")
         history = []
         if os.path.exists(path):
@@ -103,4 +124,5 @@ class Evaluator:
         image_metrics.write_json_metrics(path, {"latest": result, "history": history})
         if writer is not None:
             writer.write_scalars(result["step"], {f"eval/{k}": v for k, v in result.items() if k != "step"})
-            writer.write_images(result["step"], {"eval/reconstructions": grid[None]})
+            if grid is not None:
+                writer.write_images(result["step"], {"eval/reconstructions": grid[None]})

@@ -236,7 +236,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                            mfu=(flops / step_time / peak) if peak and flops else 0.0)
             writer.write_scalars(done, scalars)
             logging.info("step %d/%d  loss %.4f (flow %.4f, commit %.2e)  usage %.3f  ppl %.1f  |g| %.3f  "
-                         "lr %.2e  %.1f img/s  MFU %.1f%%  skipped input %s", done, config.num_steps,
+                         "lr %.2e  %.1f img/s  MFU %.1f%%  input: %s", done, config.num_steps,
                          scalars["loss"], scalars["flow_loss"], scalars["commit_loss"], scalars["codebook_usage"],
                          scalars["codebook_perplexity"], scalars["grad_norm"], scalars["learning_rate"],
                          scalars["images_per_s"], 100 * scalars["mfu"], train_iter.stats.summary())

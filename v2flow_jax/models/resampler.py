@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from v2flow_jax.models.layers import dense, gelu, named, zeros
+from v2flow_jax.models.layers import accumulating_conv, dense, gelu, named, zeros
 
 Dtype = Any
 LN_EPS = 1e-5
@@ -25,6 +25,7 @@ def _conv(features, kernel, *, groups=1, use_bias=False, dtype=jnp.float32, name
     return nn.Conv(features, (kernel, kernel), padding="SAME", feature_group_count=groups, use_bias=use_bias,
                    dtype=dtype, param_dtype=jnp.float32,
                    kernel_init=named(conv_init, (None, None, None, "channels")),
+                   conv_general_dilated=accumulating_conv(dtype),
                    bias_init=named(zeros, ("channels",)), name=name)
 
 
@@ -147,6 +148,7 @@ class Resampler(nn.Module):
         logits = nn.with_logical_constraint(logits, ("batch", "seq", "vocab"))
         rng = self.make_rng("sample") if noisy else None
         alpha = gumbel_softmax(rng, logits, self.tau, noisy)
-        vectors = jnp.einsum("bnv,vd->bnd", alpha, table.astype(jnp.float32))
+        vectors = jnp.einsum("bnv,vd->bnd", alpha.astype(self.dtype), table.astype(self.dtype),
+                             preferred_element_type=jnp.float32)
         entropy = -jnp.sum(alpha * jnp.log(alpha + 1e-12), axis=-1).mean()
         return vectors, {"vocab_entropy": entropy, "vocab_argmax": jnp.argmax(logits, axis=-1)}

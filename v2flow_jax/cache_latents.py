@@ -1,0 +1,119 @@
+"""config.mode == 'cache_latents': encode a dataset once through the frozen autoencoder.
+
+Like the release, every image is stored twice: its latent and the latent of its horizontal flip
+(the only augmentation), so training on cached latents (`config.data.source = 'latents'`) needs no
+autoencoder at all. Unlike the release the job is sharded and resumable:
+
+  * each host encodes its own shard of the split (grain's process sharding, in order, no shuffle);
+  * output is cut into parts of `config.cache.images_per_part` images:
+    `<out>/<split>-host<H>-part<K>.array_record`, each written under a temporary name and renamed
+    when complete, so a part either exists whole or not at all;
+  * a restarted job counts the complete parts, skips that many images and continues, producing the
+    same files as an uninterrupted run; `<split>-host<H>.done.json` marks a finished host.
+
+Latents are stored unscaled (as the autoencoder returns them); training multiplies by the scale.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from v2flow_jax import build, input_pipeline, sharding
+
+PART_RE = re.compile(r"-part(\d{5})\.array_record$")
+
+
+def part_path(out_dir: str, split: str, host: int, part: int) -> str:
+    return os.path.join(out_dir, f"{split}-host{host:03d}-part{part:05d}.array_record")
+
+
+def complete_parts(out_dir: str, split: str, host: int) -> int:
+    """Number of consecutive finished parts 0..K-1 of this host (temporary files do not count)."""
+    done = {int(PART_RE.search(p).group(1)) for p in glob.glob(os.path.join(out_dir, f"{split}-host{host:03d}-part*"))
+            if PART_RE.search(p)}
+    k = 0
+    while k in done:
+        k += 1
+    return k
+
+
+def _write_part(path: str, latents: list[np.ndarray]) -> None:
+    tmp = path + ".tmp"
+    input_pipeline.write_latent_shard(tmp, latents)
+    os.replace(tmp, path)
+
+
+def _encode_fn(run: build.Run):
+    def encode(images):
+        both = jnp.concatenate([images, images[:, :, ::-1]], axis=0)   # originals, then their flips
+        return run.autoencoder.encode(run.ae_params, both).astype(jnp.float32)
+    return jax.jit(encode)
+
+
+def run(config, workdir: str) -> dict:
+    cache = config.cache
+    split = cache.split
+    out_dir = cache.output_dir or os.path.join(workdir, "latents")
+    per_part = int(cache.images_per_part)
+    if per_part <= 0:
+        raise ValueError(f"config.cache.images_per_part={per_part} must be positive.")
+    os.makedirs(out_dir, exist_ok=True)
+    r = build.build_run(config)
+    host = jax.process_index()
+    dp = sharding.data_parallel_size(r.mesh)
+    batch_size = -(-config.batch_size // dp) * dp // jax.process_count()
+    done_marker = os.path.join(out_dir, f"{split}-host{host:03d}.done.json")
+    if os.path.exists(done_marker):
+        logging.info("Latent cache for split %r, host %d is already complete (%s).", split, host, done_marker)
+        with open(done_marker) as f:
+            return json.load(f)
+
+    skip_parts = complete_parts(out_dir, split, host)
+    skip_images = skip_parts * per_part
+    it, num_records = input_pipeline.create_dataset(config.data, split=split, batch_size=batch_size,
+                                                    seed=config.seed, train=False, drop_remainder=False)
+    logging.info("Caching latents of split %r (%d records, all hosts) into %s; resuming after %d complete parts.",
+                 split, num_records, out_dir, skip_parts)
+    encode = _encode_fn(r)
+    pending: list[np.ndarray] = []
+    part, seen, t0, latent_shape = skip_parts, 0, time.perf_counter(), None
+    with sharding.use_mesh(r.mesh, r.rules):
+        for batch in it:
+            images = batch["image"]
+            n = images.shape[0]
+            if seen + n <= skip_images:          # this batch lies in parts already written
+                seen += n
+                continue
+            first = max(skip_images - seen, 0)
+            seen += n
+            padded = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:], images.dtype)]) \
+                if n < batch_size else images
+            latents = np.asarray(encode(sharding.put_batch(padded, r.mesh)))
+            originals, flips = latents[:batch_size][first:n], latents[batch_size:][first:n]
+            latent_shape = list(latents.shape[1:])
+            for orig, flip in zip(originals, flips):
+                pending.extend([orig, flip])
+                if len(pending) == 2 * per_part:
+                    _write_part(part_path(out_dir, split, host, part), pending)
+                    pending, part = [], part + 1
+                    logging.info("  part %d written (%d images so far, %.1f img/s).", part, part * per_part,
+                                 (seen - skip_images) / (time.perf_counter() - t0))
+    if pending:
+        _write_part(part_path(out_dir, split, host, part), pending)
+        part += 1
+    summary = {"split": split, "host": host, "parts": part, "images": seen, "records": 2 * seen,
+               "latent_shape": latent_shape, "skipped_input": it.stats.summary()}
+    with open(done_marker + ".tmp", "w") as f:
+        json.dump(summary, f)
+    os.replace(done_marker + ".tmp", done_marker)
+    logging.info("Latent cache complete: %s", summary)
+    return summary
