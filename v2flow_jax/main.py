@@ -14,6 +14,7 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]); default: the CPU demo.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", "runs/demo", "Directory for checkpoints, metrics.json, grids and TensorBoard events.")
+flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() first (multi-host pods and clusters).")
 
 
 def _quiet_orbax():
@@ -31,6 +32,9 @@ def main(argv):
     _quiet_orbax()
     import jax
     from v2flow_jax import config_defaults
+
+    if flags.FLAGS.jax_distributed:
+        jax.distributed.initialize()
 
     config = flags.FLAGS.config
     if config is None:
