@@ -19,15 +19,4 @@ from v2flow_jax import config_defaults
 
 
 def get_config(arg: str = ""):
-    c = config_defaults.base_config()
-    c.image_size = c.data.image_size = 1024
-    c.autoencoder.name = "dc_ae_f32c32"
-    c.model.update(latent_size=32, latent_channels=32, preset="large", vocab_size=32000, vocab_dim=4096,
-                   dtype="bfloat16")
-    c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 4)]
-    if arg == "novocab":
-        c.model.vocab_size = 0
-        c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
-    elif arg:
-        raise ValueError(f"configs/tok1024.py: unknown argument {arg!r}; use '' or 'novocab'.")
-    return c
+    return config_defaults.dc_ae_config(1024, arg, tensor=4)

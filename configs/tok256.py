@@ -24,15 +24,4 @@ from v2flow_jax import config_defaults
 def get_config(arg: str = ""):
     if arg == "demo":
         return config_defaults.demo_config()
-    c = config_defaults.base_config()
-    c.image_size = 256
-    c.data.image_size = 256
-    c.autoencoder.name = "dc_ae_f32c32"
-    c.model.update(latent_size=8, latent_channels=32, preset="large", vocab_size=32000, vocab_dim=4096,
-                   dtype="bfloat16")
-    c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
-    if arg == "novocab":
-        c.model.vocab_size = 0
-    elif arg:
-        raise ValueError(f"configs/tok256.py: unknown argument {arg!r}; use '', 'demo' or 'novocab'.")
-    return c
+    return config_defaults.dc_ae_config(256, arg)

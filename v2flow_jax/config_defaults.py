@@ -71,6 +71,21 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def dc_ae_config(image_size: int, arg: str, *, tensor: int = 1) -> ml_collections.ConfigDict:
+    """The release's setting at one resolution: DC-AE f32c32 latents (one token per latent pixel),
+    the 'large' MAR, bf16 compute and the LLaMA-2 vocabulary; arg 'novocab' turns the vocabulary off."""
+    if arg not in ("", "novocab"):
+        raise ValueError(f"unknown config argument {arg!r}; use '' or 'novocab' (and 'demo' for tok256.py).")
+    c = base_config()
+    c.image_size = c.data.image_size = image_size
+    c.autoencoder.name = "dc_ae_f32c32"
+    c.model.update(latent_size=image_size // 32, latent_channels=32, preset="large", dtype="bfloat16",
+                   vocab_size=0 if arg == "novocab" else 32000, vocab_dim=4096)
+    # The 32000 x 32000 generator and the vocabulary split over 'tensor' when there is one.
+    c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1 if arg == "novocab" else tensor)]
+    return c
+
+
 def demo_config() -> ml_collections.ConfigDict:
     """Tiny tokenizer on the bundled photos, on CPU, in a few minutes (the README's first command).
 

@@ -24,13 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from v2flow_jax import flow
+from v2flow_jax.configuration import ConfigSection
 from v2flow_jax.models import masking
 
 CFG_SCHEDULES = ("linear", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplerConfig:
+class SamplerConfig(ConfigSection):
+    SECTION = "sampler"
+
     num_ar_steps: int = 4                  # K
     solver: str = "dpm_solver_pp_2m"       # euler | heun | dpm_solver_pp_2m
     solver_steps: int = 20
@@ -39,21 +42,8 @@ class SamplerConfig:
     cfg_schedule: str = "linear"           # Muse-style ramp w_k = 1 + (w - 1)(L - mask_len_k)/L, or constant
     temperature: float = 1.0               # scales the initial noise
 
-    @classmethod
-    def from_config(cls, sampler_config) -> "SamplerConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        given = dict(sampler_config)
-        unknown = sorted(set(given) - fields)
-        if unknown:
-            raise ValueError(f"config.sampler has unknown fields {unknown}; known fields: {sorted(fields)}.")
-        cfg = cls(**given)
-        cfg.validate()
-        return cfg
-
     def validate(self):
-        def need(ok, field, msg):
-            if not ok:
-                raise ValueError(f"config.sampler.{field}={getattr(self, field)!r}: {msg}")
+        need = self.require
         need(self.num_ar_steps >= 1, "num_ar_steps", "must be >= 1")
         need(self.solver in flow.METHODS, "solver", f"must be one of {flow.METHODS}")
         need(self.solver_steps >= 1, "solver_steps", "must be >= 1")

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from v2flow_jax import flow
+from v2flow_jax.configuration import ConfigSection
 from v2flow_jax.models import masking
 from v2flow_jax.models.layers import dense
 from v2flow_jax.models.mar import PRESETS, MaskedEncoderDecoder
@@ -30,7 +31,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenizerConfig:
+class TokenizerConfig(ConfigSection):
+    SECTION = "model"
+
     """Every architectural number of the tokenizer; `from_config` reads it from `config.model`."""
     latent_size: int = 8               # h = w of the latent grid (image_size / autoencoder stride)
     latent_channels: int = 32          # C, one patch per latent pixel
@@ -65,21 +68,8 @@ class TokenizerConfig:
     time_shift: float = 3.0
     dtype: str = "float32"             # compute dtype; parameters stay float32
 
-    @classmethod
-    def from_config(cls, model_config) -> "TokenizerConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        given = dict(model_config)
-        unknown = sorted(set(given) - fields)
-        if unknown:
-            raise ValueError(f"config.model has unknown fields {unknown}; known fields: {sorted(fields)}.")
-        cfg = cls(**given)
-        cfg.validate()
-        return cfg
-
     def validate(self):
-        def need(ok, field, msg):
-            if not ok:
-                raise ValueError(f"config.model.{field}={getattr(self, field)!r}: {msg}")
+        need = self.require
         need(self.preset in PRESETS, "preset", f"must be one of {sorted(PRESETS)}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {sorted(DTYPES)}")
         need(self.pool >= 1 and self.latent_size % self.pool == 0, "pool",
