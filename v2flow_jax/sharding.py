@@ -68,17 +68,31 @@ def rules_from_config(config) -> tuple[tuple[str, Any], ...]:
     return tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in rules)
 
 
+def rules_for_mesh(rules, mesh):
+    """The rules without the mesh axes this mesh lacks, so the defaults fit any mesh (e.g. [("data", 8)]).
+
+    A rule left with no axis replicates that logical dimension.
+    """
+    present = set(mesh.axis_names)
+    out = []
+    for name, axes in rules:
+        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        kept = tuple(a for a in axes if a in present)
+        out.append((name, kept if len(kept) > 1 else (kept[0] if kept else None)))
+    return tuple(out)
+
+
 @contextlib.contextmanager
 def use_mesh(mesh, rules=DEFAULT_RULES):
     """Activates the mesh and the logical rules for tracing (jit) and execution."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules_for_mesh(rules, mesh)):
         yield
 
 
 def logical_shardings(abstract_tree, mesh, rules=DEFAULT_RULES):
     """NamedShardings for a (possibly boxed) tree; leaves without names are replicated."""
     specs = nn.get_partition_spec(abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules_for_mesh(rules, mesh))
 
 
 def batch_sharding(mesh, ndim: int = 1) -> NamedSharding:

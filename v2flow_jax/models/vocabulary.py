@@ -305,7 +305,8 @@ def load_embedding_table(checkpoint_dir, *, tensor_name: str = DEFAULT_TENSOR, s
 
 def table_sharding(mesh, rules) -> jax.sharding.NamedSharding:
     """The NamedSharding the rules give a (vocab, llm_embed) table on this mesh."""
-    return nn.logical_to_mesh_sharding(P(*TABLE_AXES), mesh, rules)
+    from v2flow_jax.sharding import rules_for_mesh  # pylint: disable=g-import-not-at-top
+    return nn.logical_to_mesh_sharding(P(*TABLE_AXES), mesh, rules_for_mesh(rules, mesh))
 
 
 # ----------------------------------------------------------------------------------------------
