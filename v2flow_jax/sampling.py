@@ -113,10 +113,11 @@ def sample_latent_patches(model, variables, buffer, rng, cfg: SamplerConfig):
                         method=model.decoder_features)
         out_idx, out_valid = leaving_window(orders, mask_before, mask_after, plan.max_leaving)
         z_out = jnp.take_along_axis(z, twice(out_idx)[..., None], axis=1)          # (B or 2B, M, D)
-        z_rows = z_out.reshape(-1, z_out.shape[-1])
+        # z is fixed during the ODE solve and t is shared by all rows: embed each once.
+        cond_emb = model.apply(variables, z_out.reshape(-1, z_out.shape[-1]), method=model.velocity_condition)
 
         def velocity(x, t):
-            v = model.apply(variables, twice(x), twice(t), z_rows, method=model.velocity)
+            v = model.apply(variables, twice(x), t[:1], cond_emb, method=model.velocity_from_condition)
             if not guided:
                 return v
             v_cond, v_uncond = jnp.split(v, 2)

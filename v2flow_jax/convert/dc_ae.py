@@ -220,7 +220,7 @@ def load_params(path: str, autoencoder: DCAutoencoder | None = None, shardings=N
     return jax.tree.map(jnp.asarray, variables)
 
 
-def load(path: str, dtype=jnp.float32, param_dtype=jnp.float32):
+def load_autoencoder(path: str, dtype=jnp.float32, param_dtype=jnp.float32):
     """(autoencoder, variables) from a diffusers AutoencoderDC checkpoint directory."""
     autoencoder = autoencoder_from_config(path, dtype=dtype, param_dtype=param_dtype)
     return autoencoder, load_params(path, autoencoder)

@@ -145,6 +145,14 @@ class V2FlowTokenizer(nn.Module):
         """x (M,C), flow time t (M,) in [0,1], z (M,D) -> v (M,C)."""
         return self.velocity_mlp(x, 1000.0 * t, z)
 
+    def velocity_condition(self, z):
+        """Per-patch condition embedding, computed once and reused by every ODE step."""
+        return self.velocity_mlp.embed_condition(z)
+
+    def velocity_from_condition(self, x, t, cond_emb):
+        """Like `velocity`, from `velocity_condition(z)`; t (M,) or (1,) (one time for all rows)."""
+        return self.velocity_mlp.from_embeddings(x, self.velocity_mlp.embed_time(1000.0 * t), cond_emb)
+
     # ---- training loss --------------------------------------------------------------------------
     def __call__(self, latents, *, train: bool = True):
         """Flow loss on masked patches + commitment loss. Draws from the 'sample' and 'dropout' rngs."""

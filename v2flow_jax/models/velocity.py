@@ -47,23 +47,42 @@ class AdaLNBlock(nn.Module):
 
 
 class VelocityMLP(nn.Module):
+    """v(x, t, z). The time and condition embeddings are separate methods so a sampler can embed z
+    once per AR step and t once per ODE step (it is the same for every row), not once per row."""
     out_channels: int
     width: int = 1536
     depth: int = 8
     dtype: Dtype = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        w, dt = self.width, self.dtype
+        self.time_fc1 = dense(w, (None, "embed"), dtype=dt, kernel_init=normal02)
+        self.time_fc2 = dense(w, ("mlp", "embed"), dtype=dt, kernel_init=normal02)
+        self.cond_embed = dense(w, ("mlp", "embed"), dtype=dt)
+        self.input_proj = dense(w, ("latent", "embed"), dtype=dt)
+        self.blocks = [AdaLNBlock(dt) for _ in range(self.depth)]
+        self.final_adaLN = dense(2 * w, ("embed", "mlp"), dtype=dt, kernel_init=zeros)
+        self.final_norm = layer_norm(1e-6, dtype=dt, affine=False)
+        self.final = dense(self.out_channels, ("embed", "latent"), dtype=dt, kernel_init=zeros)
+
+    def embed_time(self, t):
+        """(M,) times (already x1000) -> (M, W)."""
+        return self.time_fc2(nn.silu(self.time_fc1(timestep_features(t)))).astype(jnp.float32)
+
+    def embed_condition(self, z):
+        """(M, D_dec) decoder features -> (M, W)."""
+        return self.cond_embed(z).astype(jnp.float32)
+
+    def from_embeddings(self, x, time_emb, cond_emb):
+        """x (M, C) with time_emb broadcastable to (M, W) and cond_emb (M, W) -> v (M, C) float32."""
+        cond = time_emb + cond_emb
+        h = self.input_proj(x)
+        for block in self.blocks:
+            h = block(h, cond)
+        shift, scale = jnp.split(self.final_adaLN(nn.silu(cond)), 2, axis=-1)
+        h = modulate(self.final_norm(h), shift, scale)
+        return self.final(h).astype(jnp.float32)
+
     def __call__(self, x, t, z):
         """x (B, C), t (B,) (= 1000 * flow time), z (B, D_dec) -> v (B, C) in float32."""
-        temb = timestep_features(t)
-        temb = dense(self.width, (None, "embed"), dtype=self.dtype, kernel_init=normal02, name="time_fc1")(temb)
-        temb = dense(self.width, ("mlp", "embed"), dtype=self.dtype, kernel_init=normal02, name="time_fc2")(nn.silu(temb))
-        cond = temb + dense(self.width, ("mlp", "embed"), dtype=self.dtype, name="cond_embed")(z)
-        h = dense(self.width, ("latent", "embed"), dtype=self.dtype, name="input_proj")(x)
-        for i in range(self.depth):
-            h = AdaLNBlock(self.dtype, name=f"block{i}")(h, cond)
-        shift, scale = jnp.split(dense(2 * self.width, ("embed", "mlp"), dtype=self.dtype, kernel_init=zeros,
-                                       name="final_adaLN")(nn.silu(cond)), 2, axis=-1)
-        h = modulate(layer_norm(1e-6, dtype=self.dtype, affine=False, name="final_norm")(h), shift, scale)
-        out = dense(self.out_channels, ("embed", "latent"), dtype=self.dtype, kernel_init=zeros, name="final")(h)
-        return out.astype(jnp.float32)
+        return self.from_embeddings(x, self.embed_time(t), self.embed_condition(z))
