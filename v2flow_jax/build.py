@@ -68,6 +68,11 @@ def build_autoencoder(config, with_params: bool = True):
     if ae_cfg.name == "pixels":
         return autoencoders.build_autoencoder("pixels", patch_size=ae_cfg.patch_size), {}
     from v2flow_jax.convert import dc_ae as dc_ae_convert
+    if ae_cfg.name == "dc_ae" and not ae_cfg.checkpoint:
+        raise ValueError("config.autoencoder.name='dc_ae' reads its architecture from a diffusers checkpoint: set "
+                         "config.autoencoder.checkpoint to an AutoencoderDC directory (or use 'dc_ae_f32c32').")
+    if ae_cfg.checkpoint and not with_params:
+        return dc_ae_convert.autoencoder_from_config(ae_cfg.checkpoint, dtype=dtype), None
     if not with_params:
         return autoencoders.build_autoencoder(ae_cfg.name, dtype=dtype), None
     if ae_cfg.checkpoint:
