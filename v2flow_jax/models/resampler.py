@@ -21,12 +21,35 @@ LN_EPS = 1e-5
 conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def _conv(features, kernel, *, groups=1, use_bias=False, dtype=jnp.float32, name=None):
-    return nn.Conv(features, (kernel, kernel), padding="SAME", feature_group_count=groups, use_bias=use_bias,
+# The resampler's convolutions are small (5 M parameters at the release size): replicate them rather
+# than split channels that the batch-sharded activations do not split.
+def _conv(features, kernel, *, use_bias=False, dtype=jnp.float32, name=None):
+    return nn.Conv(features, (kernel, kernel), padding="SAME", use_bias=use_bias,
                    dtype=dtype, param_dtype=jnp.float32,
-                   kernel_init=named(conv_init, (None, None, None, "channels")),
+                   kernel_init=named(conv_init, (None, None, None, None)),
                    conv_general_dilated=accumulating_conv(dtype),
-                   bias_init=named(zeros, ("channels",)), name=name)
+                   bias_init=named(zeros, (None,)), name=name)
+
+
+class DepthwiseConv3x3(nn.Module):
+    """3x3 depthwise conv (no bias, 'SAME'), kernel (3, 3, 1, C) as nn.Conv would hold it.
+
+    Written as nine shifted multiply-adds: XLA's grouped convolution is ~10x slower on CPU, and
+    its kernel gradient comes out scaled by the unsplit mesh axes under some shardings (seen with
+    the batch over data x fsdp and tensor = 2 in jax 0.10.2).
+    """
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        kernel = self.param("kernel", named(conv_init, (None, None, None, None)), (3, 3, 1, c), jnp.float32)
+        h, w = x.shape[1:3]
+        xp = jnp.pad(x.astype(self.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+        k = kernel.astype(self.dtype)
+        out = sum(xp[:, i:i + h, j:j + w, :].astype(jnp.float32) * k[i, j, 0].astype(jnp.float32)
+                  for i in range(3) for j in range(3))
+        return out
 
 
 def _ln2d(dtype, name):
@@ -58,7 +81,7 @@ class RegBottleneck(nn.Module):
     def __call__(self, x):
         in_features = x.shape[-1]
         y = nn.silu(_ln2d(self.dtype, "norm1")(_conv(self.features, 1, dtype=self.dtype, name="conv1")(x)))
-        y = _conv(self.features, 3, groups=self.features, dtype=self.dtype, name="conv2")(y)
+        y = DepthwiseConv3x3(self.dtype, name="conv2")(y)
         y = nn.silu(_ln2d(self.dtype, "norm2")(y))
         y = SqueezeExcite(int(round(in_features * self.se_ratio)), self.dtype, name="se")(y)
         y = _ln2d(self.dtype, "norm3")(_conv(self.features, 1, dtype=self.dtype, name="conv3")(y))
