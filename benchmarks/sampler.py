@@ -24,6 +24,7 @@ solvers; on a shared machine also read the min and the CPU-time columns. Paramet
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -65,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="steady-state calls before timing")
     p.add_argument("--repeats", type=int, default=7, help="timed calls; the median is reported")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtypes", default="float32",
+                   help="comma list of compute dtypes (bfloat16 = bf16 matmul inputs, float32 accumulation)")
     return p.parse_args(argv)
 
 
@@ -116,9 +119,10 @@ def markdown(rows, args) -> str:
             "| latency / image (ms) | images / s | CPU time / batch (s) | release (ms / batch) | speed-up |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        equal_work = (r["solver"] == "dpm_solver_pp_2m" and r["config"] in RELEASE_SECONDS
+        base = r["config"].split(" ")[0]
+        equal_work = (r["solver"] == "dpm_solver_pp_2m" and base in RELEASE_SECONDS
                       and args.batch == 4 and args.solver_steps == 20 and args.ar_steps == 4 and args.cfg != 1.0)
-        rel = RELEASE_SECONDS.get(r["config"])
+        rel = RELEASE_SECONDS.get(base)
         rel_s = f"{1e3 * rel:.0f}" if rel and equal_work else "-"
         speed = f"{rel / r['batch_s']:.2f}x" if rel and equal_work else "-"
         out.append(f"| {r['config']} | {r['solver']} | {r['params_m']:.2f} | {r['mar_passes']} | {r['velocity_nfe']} "
@@ -147,7 +151,9 @@ def main(argv=None):
           f"(min-max in brackets)\n", flush=True)
     rows = []
     for name in names:
-        rows.extend(time_config(name, CONFIGS[name], solvers, args))
+        for dtype in args.dtypes.split(","):
+            cfg = dataclasses.replace(CONFIGS[name], dtype=dtype)
+            rows.extend(time_config(name if dtype == "float32" else f"{name} ({dtype})", cfg, solvers, args))
     print(markdown(rows, args))
     print("\nlatency: wall-clock median (min-max); CPU time: process CPU seconds per call (all threads; load-"
           "independent-ish, but includes the thread pool's spinning).")
