@@ -40,8 +40,12 @@ class Tokenizer:
         self.config = config
         self.run = build.build_run(config, devices)
         if variables is None:
-            variables = jax.jit(lambda r: nn.unbox(tokenizer_lib.init_variables(self.run.model, r)))(
-                jax.random.key(config.seed))
+            # The rng the trainer initialises with (train.init_state_tree splits key(seed) the same way),
+            # so a random placeholder vocabulary (vocabulary.checkpoint='') is the table the run trained
+            # with; created in its shardings, so the variables never sit whole on one device.
+            init_rng, _ = jax.random.split(jax.random.key(config.seed))
+            variables, _ = sharding.sharded_init(lambda r: tokenizer_lib.init_variables(self.run.model, r),
+                                                 self.run.mesh, self.run.rules, init_rng)
             variables = build.install_vocabulary(self.run, variables)
         self.variables = variables
         self.sampler = self.run.sampler
@@ -109,21 +113,24 @@ class Tokenizer:
         """Unscaled autoencoder latents (B, h, w, C) -> token ids (B, n)."""
         return self._sharded(self._encode_latents, np.asarray(latents, np.float32))
 
+    def _check_ids(self, indices) -> np.ndarray:
+        ids = np.asarray(indices)
+        n, k = self.run.model.config.num_tokens, self.run.model.config.codebook_size
+        if ids.ndim != 2 or ids.shape[1] != n or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"indices must be integer token ids of shape (B, {n}), got {ids.dtype} {ids.shape}.")
+        if ids.min() < 0 or ids.max() >= k:
+            raise ValueError(f"token ids must lie in [0, {k}), got [{ids.min()}, {ids.max()}].")
+        return ids.astype(np.int32)
+
     def decode(self, indices, rng, **sampler_overrides) -> np.ndarray:
         """Token ids (B, n) (e.g. from an LLM) -> images in [-1, 1] (B, H, W, 3)."""
-        ids = np.asarray(indices, np.int32)
-        n = self.run.model.config.num_tokens
-        if ids.ndim != 2 or ids.shape[1] != n:
-            raise ValueError(f"indices must be (B, {n}) token ids, got shape {ids.shape}.")
-        if ids.min() < 0 or ids.max() >= self.run.model.config.codebook_size:
-            raise ValueError(f"token ids must lie in [0, {self.run.model.config.codebook_size}), "
-                             f"got [{ids.min()}, {ids.max()}].")
-        return self._sharded(functools.partial(self._decode, cfg=self._sampler_cfg(sampler_overrides)), ids, rng)
+        fn = functools.partial(self._decode, cfg=self._sampler_cfg(sampler_overrides))
+        return self._sharded(fn, self._check_ids(indices), rng)
 
     def decode_to_latents(self, indices, rng, **sampler_overrides) -> np.ndarray:
         """Token ids -> scaled latents (B, h, w, C), without the autoencoder's decoder."""
         fn = functools.partial(self._decode, cfg=self._sampler_cfg(sampler_overrides), to_pixels=False)
-        return self._sharded(fn, np.asarray(indices, np.int32), rng)
+        return self._sharded(fn, self._check_ids(indices), rng)
 
     def reconstruct(self, images, rng, **sampler_overrides) -> np.ndarray:
         """Images -> tokens -> images, in [-1, 1]."""
