@@ -78,14 +78,31 @@ def run(config, workdir: str) -> dict:
             return json.load(f)
 
     skip_parts = complete_parts(out_dir, split, host)
+    # The part size the existing parts were cut with: resuming with another one would skip the wrong
+    # number of images (duplicating or dropping some), so it is recorded and checked.
+    layout = os.path.join(out_dir, f"{split}-host{host:03d}.parts.json")
+    if skip_parts and os.path.exists(layout):
+        with open(layout) as f:
+            previous = json.load(f)["images_per_part"]
+        if previous != per_part:
+            raise ValueError(f"config.cache.images_per_part={per_part} but the {skip_parts} complete parts in "
+                             f"{out_dir} hold {previous} images each: resume with "
+                             f"--config.cache.images_per_part={previous}, or start a new config.cache.output_dir.")
+    elif not skip_parts:
+        with open(layout + ".tmp", "w") as f:
+            json.dump({"images_per_part": per_part}, f)
+        os.replace(layout + ".tmp", layout)
     skip_images = skip_parts * per_part
     it, num_records = input_pipeline.create_dataset(config.data, split=split, batch_size=batch_size,
                                                     seed=config.seed, train=False, drop_remainder=False)
     logging.info("Caching latents of split %r (%d records, all hosts) into %s; resuming after %d complete parts.",
                  split, num_records, out_dir, skip_parts)
     encode = _encode_fn(r)
+    size = config.data.image_size
+    # From the shapes alone: a resumed job may have nothing left to encode.
+    latent_shape = list(jax.eval_shape(encode, jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)).shape[1:])
     pending: list[np.ndarray] = []
-    part, seen, t0, latent_shape = skip_parts, 0, time.perf_counter(), None
+    part, seen, t0 = skip_parts, 0, time.perf_counter()
     with sharding.use_mesh(r.mesh, r.rules):
         for batch in it:
             images = batch["image"]
@@ -99,7 +116,6 @@ def run(config, workdir: str) -> dict:
                 if n < batch_size else images
             latents = np.asarray(encode(sharding.put_batch(padded, r.mesh)))
             originals, flips = latents[:batch_size][first:n], latents[batch_size:][first:n]
-            latent_shape = list(latents.shape[1:])
             for orig, flip in zip(originals, flips):
                 pending.extend([orig, flip])
                 if len(pending) == 2 * per_part:

@@ -26,7 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.image_size = 256
 
     # Device mesh: (axis, size) pairs, one size may be -1 (all remaining devices).
-    c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+    # A tuple, so --config.mesh='[("data",-1),("tensor",4)]' can override it on the command line.
+    c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
     c.sharding_rules = ()         # empty = v2flow_jax.sharding.DEFAULT_RULES
 
     # Frozen latent space. name: pixels | dc_ae_f32c32 | dc_ae; checkpoint: a diffusers AutoencoderDC dir.
@@ -43,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         source="tfds", path="", eval_path="", tfds_name="imagenet2012", tfds_data_dir="",
         train_split="train", eval_split="validation", image_size=256, strict=False, worker_count=8,
-        read_threads=16, prefetch_buffer_size=None,
+        read_threads=16, prefetch_buffer_size=ml_collections.config_dict.placeholder(int),
         demo_eval_names=("astronaut", "coffee", "chelsea")))
 
     # mode=cache_latents: encode config.data's split once (plus flips) into array_record parts.
@@ -82,7 +83,7 @@ def dc_ae_config(image_size: int, arg: str, *, tensor: int = 1) -> ml_collection
     c.model.update(latent_size=image_size // 32, latent_channels=32, preset="large", dtype="bfloat16",
                    vocab_size=0 if arg == "novocab" else 32000, vocab_dim=4096)
     # The 32000 x 32000 generator and the vocabulary split over 'tensor' when there is one.
-    c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1 if arg == "novocab" else tensor)]
+    c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1 if arg == "novocab" else tensor))
     return c
 
 
