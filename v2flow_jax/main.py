@@ -11,7 +11,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]); default: the CPU demo.",
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_config.py")
+config_flags.DEFINE_config_file("config", DEMO_CONFIG, "Config file (configs/*.py[:arg]); default: the CPU demo.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", "runs/demo", "Directory for checkpoints, metrics.json, grids and TensorBoard events.")
 flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() first (multi-host pods and clusters).")
@@ -37,9 +38,8 @@ def main(argv):
         jax.distributed.initialize()
 
     config = flags.FLAGS.config
-    if config is None:
-        logging.info("No --config given: running the embedded demo (configs/tok256.py:demo).")
-        config = config_defaults.demo_config()
+    if flags.FLAGS["config"].value is not None and flags.FLAGS["config"].using_default_value:
+        logging.info("No --config given: running the embedded CPU demo (configs/tok256.py:demo).")
     workdir = flags.FLAGS.workdir
     logging.info("JAX %s, %d process(es), %d device(s): %s", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].device_kind)
