@@ -38,10 +38,14 @@ def rotate_to(x, q):
     return scale * (x - 2.0 * dot(x, w) * w + 2.0 * dot(x, u) * q_hat)
 
 
-def ema_update(codebook_state, unit_inputs, onehot, decay, eps):
-    """One EMA step of (cluster_size, embed_sum) and the new unit codebook (vector-quantize style)."""
-    counts = onehot.sum(0)
-    sums = onehot.T @ unit_inputs
+def ema_update(codebook_state, unit_inputs, indices, decay, eps):
+    """One EMA step of (cluster_size, embed_sum) and the new unit codebook (vector-quantize style).
+
+    Per-code sums by segment_sum: O(N d) instead of the one-hot matmul's O(N K d).
+    """
+    k = codebook_state["cluster_size"].shape[0]
+    counts = jax.ops.segment_sum(jnp.ones_like(indices, jnp.float32), indices, num_segments=k)
+    sums = jax.ops.segment_sum(unit_inputs, indices, num_segments=k)
     cluster_size = decay * codebook_state["cluster_size"] + (1 - decay) * counts
     embed_sum = decay * codebook_state["embed_sum"] + (1 - decay) * sums
     total = cluster_size.sum()
@@ -62,9 +66,10 @@ def restart_dead_codes(rng, state, unit_inputs, threshold):
     }, dead.sum()
 
 
-def usage_stats(onehot):
+def usage_stats(indices, codebook_size: int):
     """Fraction of codes hit by this batch and the perplexity of their empirical distribution."""
-    probs = onehot.mean(0)
+    counts = jax.ops.segment_sum(jnp.ones_like(indices, jnp.float32), indices, num_segments=codebook_size)
+    probs = counts / indices.size
     perplexity = jnp.exp(-jnp.sum(probs * jnp.log(probs + 1e-10)))
     return {"codebook_usage": jnp.mean(probs > 0), "codebook_perplexity": perplexity}
 
@@ -110,12 +115,12 @@ class CosineQuantizer(nn.Module):
         commit = jnp.mean((jax.lax.stop_gradient(codes) - unit) ** 2)
         quantized = rotate_to(x, codes)
         flat_unit = unit.reshape(-1, self.dim)
-        onehot = jax.nn.one_hot(indices.reshape(-1), self.codebook_size, dtype=jnp.float32)
-        aux = {"commit_loss": commit, **usage_stats(onehot)}
+        flat_idx = indices.reshape(-1)
+        aux = {"commit_loss": commit, **usage_stats(flat_idx, self.codebook_size)}
         if update and self.is_mutable_collection("vq"):
             state = {"codebook": self._codes(), "cluster_size": nn.unbox(self.cluster_size.value),
                      "embed_sum": nn.unbox(self.embed_sum.value)}
-            state = ema_update(state, jax.lax.stop_gradient(flat_unit), onehot, self.decay, self.eps)
+            state = ema_update(state, jax.lax.stop_gradient(flat_unit), flat_idx, self.decay, self.eps)
             if self.dead_code_threshold > 0:
                 state, n_dead = restart_dead_codes(self.make_rng("sample"), state,
                                                    jax.lax.stop_gradient(flat_unit), self.dead_code_threshold)
