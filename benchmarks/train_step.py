@@ -23,13 +23,14 @@ from v2flow_jax import build, config_defaults, sharding, train
 RELEASE_SECONDS = {"release": 0.28, "release_novocab": 0.13}
 
 
-def bench_config(name: str):
+def bench_config(name: str, dtype: str = "float32", dropout: float = 0.1):
     c = config_defaults.base_config()
     c.mesh = [("data", 1), ("fsdp", 1), ("tensor", 1)]
     c.autoencoder.name = "pixels"
     c.ema_decay = 0.9999
     c.vocabulary.checkpoint = ""
-    c.model.dropout = 0.1
+    c.model.dropout = dropout
+    c.model.dtype = dtype
     if name == "tiny":
         c.image_size = c.data.image_size = 32
         c.autoencoder.patch_size = 4
@@ -57,8 +58,8 @@ def bench_config(name: str):
     return c
 
 
-def measure(name: str, repeats: int):
-    config = bench_config(name)
+def measure(name: str, repeats: int, dtype: str, dropout: float):
+    config = bench_config(name, dtype, dropout)
     run = build.build_run(config)
     tx = train.make_optimizer(config)
     state, frozen, state_sh = train.init_state(run, tx, jax.random.key(0))
@@ -100,18 +101,22 @@ def main():
     parser.add_argument("--configs", default="tiny,release,release_novocab",
                         help="comma list of tiny, release, release_novocab, mid, or 'all'")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--dropout", type=float, default=0.1,
+                        help="MAR dropout (the release's 0.1; its random bits cost ~1/4 of a CPU step)")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="compute dtypes to time (bfloat16 = bf16 matmul inputs, f32 accumulation)")
     args = parser.parse_args()
     names = ["tiny", "release", "release_novocab", "mid"] if args.configs == "all" else args.configs.split(",")
     print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind} x {jax.device_count()}, "
           f"peak {train.peak_flops(config_defaults.base_config()) / 1e9:.0f} GFLOP/s per device\n")
-    print("| config | params (M) | batch | step (s) | images/s | GFLOP/step | MFU | peak mem (MB) | compile (s) "
+    print("| config | dtype | params (M) | batch | step (s) | images/s | GFLOP/step | MFU | peak mem (MB) | compile (s) "
           "| release (s) | speed-up |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name in names:
-        r = measure(name, args.repeats)
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, dtype in [(n, d) for n in names for d in args.dtypes.split(",")]:
+        r = measure(name, args.repeats, dtype, args.dropout)
         ref = RELEASE_SECONDS.get(name)
         speedup = f"{ref / r['step_s']:.1f}x" if ref else "-"
-        print(f"| {name} | {r['params_m']:.2f} | {r['batch']} | {r['step_s']:.4f} | {r['img_s']:.1f} | "
+        print(f"| {name} | {dtype} | {r['params_m']:.2f} | {r['batch']} | {r['step_s']:.4f} | {r['img_s']:.1f} | "
               f"{r['gflop']:.2f} | {100 * r['mfu']:.1f}% | {r['mem_mb']:.0f} | {r['compile_s']:.1f} | "
               f"{ref if ref else '-'} | {speedup} |", flush=True)
 
