@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import tiny_configs
 from v2flow_jax import build, config_defaults, input_pipeline
 from v2flow_jax.api import Tokenizer
 
@@ -57,13 +58,7 @@ def dc_ae_config(path, **overrides):
     c.vocabulary.checkpoint = ""
     c.sampler.update(num_ar_steps=2, solver_steps=2)
     c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        target = c
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return tiny_configs.apply_overrides(c, overrides)
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,11 @@ def tiny_config(vocab: bool = False, **overrides):
     c.keep_checkpoints = 3
     c.eval.update(num_images=3, batch_size=3, grid_images=3, at_start=False)
     c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+    return apply_overrides(c, overrides)
+
+
+def apply_overrides(c, overrides: dict):
+    """Sets dotted fields, e.g. {"model.preset": "tiny"}, as --config.model.preset would."""
     for dotted, value in overrides.items():
         target = c
         *parents, leaf = dotted.split(".")
