@@ -173,3 +173,18 @@ def test_data_state_encoding_round_trips():
         assert checkpointing.decode_data_state(json.loads(json.dumps(record))) == state
     with pytest.raises(TypeError, match="data_state"):
         checkpointing.encode_data_state({"x": object()})
+
+
+def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+    """The README's --workdir=runs/demo is relative; orbax itself only accepts absolute paths."""
+    import jax.numpy as jnp
+    monkeypatch.chdir(tmp_path)
+    state = {"w": jnp.arange(6.0).reshape(2, 3)}
+    ckpt = checkpointing.Checkpointer("runs/demo", keep=2, async_save=True)
+    assert ckpt.save(1, state, force=True)
+    ckpt.close()
+    assert (tmp_path / "runs" / "demo" / "checkpoints" / "1").is_dir()
+    reader = checkpointing.Checkpointer("runs/demo", read_only=True)
+    assert reader.latest_step() == 1
+    restored, _, _ = reader.restore(1, abstract_state=state)
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(6.0).reshape(2, 3))

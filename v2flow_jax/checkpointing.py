@@ -173,6 +173,9 @@ class Checkpointer:
             raise ValueError(f"keep must be >= 1, got {keep}.")
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
+        workdir = os.fspath(workdir)
+        if "://" not in workdir:  # orbax's tensorstore paths must be absolute; --workdir=runs/demo is not
+            workdir = os.path.abspath(workdir)
         self._directory = epath.Path(workdir) / "checkpoints"
         self._interval = int(save_interval_steps)
         self._read_only = read_only
