@@ -204,6 +204,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
             train_iter.set_state(data_state)
         logging.info("Resumed from %s at step %d.", ckpt.directory, start)
     start = int(state.step)
+    if start >= config.num_steps:
+        ckpt.close()
+        logging.info("The run in %s already finished at step %d (config.num_steps=%d): nothing to do. Raise "
+                     "--config.num_steps to train further; its evaluations are in metrics.json.", workdir, start,
+                     config.num_steps)
+        return _latest_metrics(workdir)
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start == 0:
@@ -250,6 +256,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt.close()
     writer.flush()
     return metrics_json
+
+
+def _latest_metrics(workdir: str) -> dict:
+    import json
+    import os
+    path = os.path.join(workdir, "metrics.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f).get("latest", {})
 
 
 def state_params(state: TrainState, config):
