@@ -31,7 +31,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 from v2flow_jax import sampling
 from v2flow_jax.models.tokenizer import TokenizerConfig, build_tokenizer, count_parameters, init_variables

@@ -5,7 +5,6 @@ Convention under test: `Tokenizer.encode_latents` takes UNSCALED latents (what d
 `AutoencoderDC.encode(x).latent` returns) and multiplies them by the checkpoint's scaling_factor, as the
 image path does; `decode_to_latents` returns SCALED latents, which diffusers decodes after dividing by it.
 """
-import os
 
 import jax
 import numpy as np

@@ -1,6 +1,5 @@
 """Tests for the grain input pipelines (all offline, on files the tests write or packages ship)."""
 import io
-import os
 import struct
 import zlib
 

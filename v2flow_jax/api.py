@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import linen as nn

@@ -15,7 +15,6 @@ Latents are stored unscaled (as the autoencoder returns them); training multipli
 """
 from __future__ import annotations
 
-import functools
 import glob
 import json
 import os

@@ -21,7 +21,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from v2flow_jax import flow
 from v2flow_jax.configuration import ConfigSection

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from flax import linen as nn
 
 from v2flow_jax import build, checkpointing, evaluate, input_pipeline, sharding
 from v2flow_jax.models import tokenizer as tokenizer_lib
