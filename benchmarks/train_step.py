@@ -61,7 +61,7 @@ def measure(name: str, repeats: int, dtype: str, dropout: float):
     config = bench_config(name, dtype, dropout)
     run = build.build_run(config)
     tx = train.make_optimizer(config)
-    state, frozen, state_sh = train.init_state(run, tx, jax.random.key(0))
+    state, frozen, state_sh = train.init_state(run, tx, 0)
     cfg = run.model.config
     if name == "tiny":
         batch = {"image": np.random.uniform(-1, 1, (config.batch_size, config.image_size, config.image_size, 3))

@@ -282,7 +282,7 @@ def test_parameter_table_adds_up(vocab):
 
     # An independent count of the variables the trainer creates.
     tx = train.make_optimizer(config)
-    (state, frozen) = nn.unbox(jax.eval_shape(lambda r: train.init_state_tree(run, tx, r), jax.random.key(0)))
+    (state, frozen) = nn.unbox(jax.eval_shape(lambda r: train.init_state_tree(run, tx, jax.random.split(r)), jax.random.key(0)))
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
     trained = sum(n for n, how in rows.values() if how == "trained")
     assert rows["**trained total**"][0] == trained == count(state.params)

@@ -128,7 +128,7 @@ def train_steps(config, devices, batches):
     from v2flow_jax import build, sharding, train
     run = build.build_run(config, devices=devices)
     tx = train.make_optimizer(config)
-    state, frozen, state_sh = train.init_state(run, tx, jax.random.key(config.seed))
+    state, frozen, state_sh = train.init_state(run, tx, config.seed)
     frozen = build.install_vocabulary(run, {"frozen": frozen})["frozen"]
     step_fn, _ = train.compile_train_step(run, tx, state, state_sh, frozen, sharding.put_batch(batches[0], run.mesh))
     metrics = []

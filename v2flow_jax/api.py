@@ -35,18 +35,10 @@ def _as_model_images(images):
 class Tokenizer:
     """A V2Flow tokenizer with its variables placed on a mesh."""
 
-    def __init__(self, config, variables=None, *, devices=None):
+    def __init__(self, config, variables=None, *, devices=None, run: build.Run | None = None):
         self.config = config
-        self.run = build.build_run(config, devices)
-        if variables is None:
-            # The rng the trainer initialises with (train.init_state_tree splits key(seed) the same way),
-            # so a random placeholder vocabulary (vocabulary.checkpoint='') is the table the run trained
-            # with; created in its shardings, so the variables never sit whole on one device.
-            init_rng, _ = jax.random.split(jax.random.key(config.seed))
-            variables, _ = sharding.sharded_init(lambda r: tokenizer_lib.init_variables(self.run.model, r),
-                                                 self.run.mesh, self.run.rules, init_rng)
-            variables = build.install_vocabulary(self.run, variables)
-        self.variables = variables
+        self.run = run or build.build_run(config, devices)
+        self.variables = variables if variables is not None else _init_variables(self.run)
         self.sampler = self.run.sampler
         self._dp = sharding.data_parallel_size(self.run.mesh)
         run = self.run
@@ -68,16 +60,17 @@ class Tokenizer:
                                     f"(python -m v2flow_jax.main --workdir={workdir}).")
         if config is None:
             config = ml_collections.ConfigDict(_read_config(ckpt, step))
-        tok = cls(config, devices=devices)
-        run = tok.run
+        run = build.build_run(config, devices)
         tx = train.make_optimizer(config)
-        state_shapes, _ = jax.eval_shape(lambda r: train.init_state_tree(run, tx, r), jax.random.key(0))
+        state_shapes, _ = jax.eval_shape(lambda: train.init_state_tree(run, tx, train.init_rngs(config.seed)))
         with sharding.use_mesh(run.mesh, run.rules):
             shardings = sharding.logical_shardings(state_shapes, run.mesh, run.rules)
         abstract = train.abstract_state(nn.unbox(state_shapes), nn.unbox(shardings))
         state, _, _ = ckpt.restore(step, abstract_state=abstract, restore_data=False)
         params = train.state_params(state, config) if use_ema else state.params
-        tok.variables = {**tok.variables, "params": params, "vq": state.vq}
+        # Only the frozen table is initialised here; params and codebook come from the checkpoint.
+        variables = {**_init_variables(run, frozen_only=True), "params": params, "vq": state.vq}
+        tok = cls(config, variables, run=run)
         tok.step = int(state.step)
         return tok
 
@@ -135,6 +128,20 @@ class Tokenizer:
         """Images -> tokens -> images, in [-1, 1]."""
         fn = functools.partial(self._reconstruct, cfg=self._sampler_cfg(sampler_overrides))
         return self._sharded(fn, _as_model_images(images), rng)
+
+
+def _init_variables(run: build.Run, frozen_only: bool = False):
+    """Variables created in their shardings (never whole on one device) with the vocabulary installed.
+
+    `frozen_only` keeps just the 'frozen' collection; XLA drops the unused parameter initialisers.
+    """
+    init_rng = train.init_rngs(run.config.seed)[0]
+
+    def init(r):
+        variables = tokenizer_lib.init_variables(run.model, r)
+        return {"frozen": variables.get("frozen", {})} if frozen_only else variables
+    variables, _ = sharding.sharded_init(init, run.mesh, run.rules, init_rng)
+    return build.install_vocabulary(run, variables)
 
 
 def _read_config(ckpt: checkpointing.Checkpointer, step: int) -> dict:

@@ -75,9 +75,15 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 # ----------------------------------------------------------------------------------------- state
-def init_state_tree(run: build.Run, tx, rng):
+def init_rngs(seed: int):
+    """(model-init rng, train-state rng) of a run. The API draws the same init rng, so a random placeholder
+    vocabulary (vocabulary.checkpoint='') is the very table the run trained with."""
+    return jax.random.split(jax.random.key(seed))
+
+
+def init_state_tree(run: build.Run, tx, rngs):
     """(TrainState, frozen variables) with LogicallyPartitioned boxes; pure, for eval_shape and jit."""
-    init_rng, state_rng = jax.random.split(rng)
+    init_rng, state_rng = rngs[0], rngs[1]
     variables = tokenizer_lib.init_variables(run.model, init_rng)
     params = variables["params"]
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
@@ -86,9 +92,10 @@ def init_state_tree(run: build.Run, tx, rng):
     return state, variables.get("frozen", {})
 
 
-def init_state(run: build.Run, tx, rng):
+def init_state(run: build.Run, tx, seed: int):
     """Returns (state, frozen_variables, state_shardings), all created in their shardings."""
-    (state, frozen), (state_sh, _) = sharding.sharded_init(lambda: init_state_tree(run, tx, rng), run.mesh,
+    rngs = init_rngs(seed)
+    (state, frozen), (state_sh, _) = sharding.sharded_init(lambda: init_state_tree(run, tx, rngs), run.mesh,
                                                            run.rules)
     return state, frozen, state_sh
 
@@ -189,7 +196,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     run = build.build_run(config)
     tx = make_optimizer(config)
-    state, frozen, state_sh = init_state(run, tx, jax.random.key(config.seed))
+    state, frozen, state_sh = init_state(run, tx, config.seed)
     frozen = build.install_vocabulary(run, {"frozen": frozen})["frozen"]
     ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
                                       save_interval_steps=config.checkpoint_every)
