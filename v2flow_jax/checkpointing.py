@@ -230,6 +230,10 @@ class Checkpointer:
         return self._manager.reached_preemption(int(step))
 
     # ----------------------------------------------------------------------------------- save
+    def due(self, step: int) -> bool:
+        """Whether `save` would write at `step` without force (lets callers skip building its inputs)."""
+        return int(step) % self._interval == 0
+
     def save(self, step: int, state: Any, data_state: Any = None, config: Any = None,
              force: bool = False) -> bool:
         """Writes a checkpoint at `step` if it falls on the interval (or `force`); True if written.
@@ -241,7 +245,7 @@ class Checkpointer:
         step = int(step)
         if self._read_only:
             raise ValueError(f"Checkpointer for {self._directory} is read_only; it cannot save.")
-        if not force and step % self._interval:
+        if not force and not self.due(step):
             return False
         if step in self._manager.all_steps():
             return False

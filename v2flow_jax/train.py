@@ -258,7 +258,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                          f"{done}; lower config.optim.base_lr or use model.dtype='float32'.")
         if done % config.eval_every == 0 or done == config.num_steps:
             metrics_json = evaluator.run(state_params(state, config), state.vq, frozen, step=done, writer=writer)
-        ckpt.save(done, state, data_state=train_iter.get_state(), config=config, force=done == config.num_steps)
+        last = done == config.num_steps
+        if last or ckpt.due(done):  # the iterator state is serialised only when a checkpoint is written
+            ckpt.save(done, state, data_state=train_iter.get_state(), config=config, force=last)
     ckpt.close()
     writer.flush()
     return metrics_json
