@@ -6,7 +6,7 @@ model size, and prints a markdown table:
 
     python benchmarks/sampler.py                       # tiny, release, release-novocab
     python benchmarks/sampler.py --mid --repeats 9     # + a mid-size model
-    python benchmarks/sampler.py --configs release --solvers dpm_solver_pp_2m
+    python benchmarks/sampler.py --configs release --solvers dpm_solver_pp_2m --ar-loops unrolled,scan
 
 "release" is the equal-work comparison with the PyTorch release from the project issue: 4 latents
 of 8x8x32 (n = L = 64), encoder/decoder 256 wide, 2 + 2 blocks, 4 heads (mar preset 'small'),
@@ -65,56 +65,59 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="steady-state calls before timing")
     p.add_argument("--repeats", type=int, default=7, help="timed calls; the median is reported")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ar-loops", default="unrolled",
+                   help="comma list of sampler AR loops: unrolled (exact shapes), scan (padded windows)")
     p.add_argument("--dtypes", default="float32",
                    help="comma list of compute dtypes (bfloat16 = bf16 matmul inputs, float32 accumulation)")
     return p.parse_args(argv)
 
 
 def time_config(name: str, model_cfg: TokenizerConfig, solvers, args):
-    """Times every solver on one model; the timed calls are interleaved across solvers (round robin), so a
-    change in machine load during the run hits them all alike."""
+    """Times every (solver, AR loop) on one model; the timed calls are interleaved across them (round robin), so
+    a change in machine load during the run hits them all alike."""
     model = build_tokenizer(model_cfg)
     variables = jax.jit(lambda r: init_variables(model, r))(jax.random.key(args.seed))
     latents = jax.random.normal(jax.random.key(args.seed + 1),
                                 (args.batch, model_cfg.latent_size, model_cfg.latent_size, model_cfg.latent_channels))
     runs = {}
-    for solver in solvers:
+    variants = [(solver, loop) for solver in solvers for loop in args.ar_loops.split(",")]
+    for solver, loop in variants:
         cfg = sampling.SamplerConfig(num_ar_steps=args.ar_steps, solver=solver, solver_steps=args.solver_steps,
-                                     cfg_scale=args.cfg)
+                                     cfg_scale=args.cfg, ar_loop=loop)
         cfg.validate()
         fn = jax.jit(lambda v, x, r, cfg=cfg: sampling.reconstruct_latents(model, v, x, r, cfg))
         t0 = time.perf_counter()
         jax.block_until_ready(fn(variables, latents, jax.random.key(0)))
-        runs[solver] = {"cfg": cfg, "fn": fn, "first": time.perf_counter() - t0, "wall": [], "cpu": []}
+        runs[solver, loop] = {"cfg": cfg, "fn": fn, "first": time.perf_counter() - t0, "wall": [], "cpu": []}
         for i in range(args.warmup):
             jax.block_until_ready(fn(variables, latents, jax.random.key(1 + i)))
     for i in range(args.repeats):
         rng = jax.random.key(100 + i)
-        for solver in solvers:
-            r = runs[solver]
+        for variant in variants:
+            r = runs[variant]
             c0, t0 = time.process_time(), time.perf_counter()
             jax.block_until_ready(r["fn"](variables, latents, rng))
             r["wall"].append(time.perf_counter() - t0)
             r["cpu"].append(time.process_time() - c0)
     rows = []
-    for solver in solvers:
-        r = runs[solver]
+    for solver, loop in variants:
+        r = runs[solver, loop]
         med = statistics.median(r["wall"])
         nfe = sampling.model_evaluations(model_cfg.num_patches, r["cfg"])
         rows.append({
-            "config": name, "solver": solver,
+            "config": name, "solver": solver, "loop": loop,
             "params_m": count_parameters(variables.get("params", {})) / 1e6,
             "mar_passes": nfe["mar_passes"], "velocity_nfe": nfe["velocity_nfe"],
             "compile_s": r["first"] - med, "batch_s": med, "image_ms": 1e3 * med / args.batch,
             "images_per_s": args.batch / med, "spread": (min(r["wall"]), max(r["wall"])),
             "cpu_s": statistics.median(r["cpu"]),
         })
-        print(f"  done {name} / {solver}: {1e3 * med:.1f} ms", file=sys.stderr, flush=True)
+        print(f"  done {name} / {solver} / {loop}: {1e3 * med:.1f} ms", file=sys.stderr, flush=True)
     return rows
 
 
 def markdown(rows, args) -> str:
-    head = ("| config | solver | params (M) | MAR passes | velocity NFE | compile (s) | latency / batch (ms) "
+    head = ("| config | solver | AR loop | params (M) | MAR passes | velocity NFE | compile (s) | latency / batch (ms) "
             "| latency / image (ms) | images / s | CPU time / batch (s) | release (ms / batch) | speed-up |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -124,7 +127,7 @@ def markdown(rows, args) -> str:
         rel = RELEASE_SECONDS.get(base)
         rel_s = f"{1e3 * rel:.0f}" if rel and equal_work else "-"
         speed = f"{rel / r['batch_s']:.2f}x" if rel and equal_work else "-"
-        out.append(f"| {r['config']} | {r['solver']} | {r['params_m']:.2f} | {r['mar_passes']} | {r['velocity_nfe']} "
+        out.append(f"| {r['config']} | {r['solver']} | {r['loop']} | {r['params_m']:.2f} | {r['mar_passes']} | {r['velocity_nfe']} "
                    f"| {r['compile_s']:.1f} | {1e3 * r['batch_s']:.1f} ({1e3 * r['spread'][0]:.0f}-"
                    f"{1e3 * r['spread'][1]:.0f}) | {r['image_ms']:.1f} | {r['images_per_s']:.1f} | {r['cpu_s']:.2f} "
                    f"| {rel_s} | {speed} |")

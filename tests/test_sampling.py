@@ -1,7 +1,8 @@
 """The masked-AR rectified-flow sampler (REFERENCE section 5) against a plain-Python re-derivation.
 
-`sampling.sample_latent_patches` is one jitted program: a `lax.scan` over the K AR steps with
-fixed-size (padded) windows over each sample's random order. The reference below is written
+`sampling.sample_latent_patches` is one jitted program over the K AR steps, either unrolled with
+exact per-step sizes or a `lax.scan` with fixed-size (padded) windows over each sample's random
+order; both are checked against the reference. The reference below is written
 independently of it: a Python loop over the AR steps, exact (unpadded) per-sample index sets taken
 from the orders in NumPy, the encoder given only the patches known so far, its own Euler and
 DPM-Solver++(2M) loops on `flow.time_grid`, and CFG with the Muse-style ramp computed here. Only
@@ -27,6 +28,7 @@ from flax import linen as nn
 
 from v2flow_jax import flow, sampling, sharding
 from v2flow_jax.models import masking
+from v2flow_jax.models.mar import PRESETS
 from v2flow_jax.models.tokenizer import TokenizerConfig, build_tokenizer, init_variables
 
 TINY = TokenizerConfig(latent_size=8, latent_channels=8, preset="tiny", resampler_width=16, resampler_depth=1,
@@ -248,12 +250,23 @@ DPM_K3 = sampling.SamplerConfig(solver="dpm_solver_pp_2m", cfg_scale=2.0, num_ar
 REF_CASES = [EULER_GUIDED, DPM_GUIDED, EULER_UNGUIDED, DPM_UNGUIDED_WARM, EULER_CONSTANT, DPM_K3]
 
 
+_REF = {}
+
+
+def cached_reference(model, variables, buffer, rng, cfg):
+    key = (cfg, str(jax.random.key_data(rng)))
+    if key not in _REF:
+        _REF[key] = reference_sample(model, variables, buffer, rng, cfg)
+    return _REF[key]
+
+
+@pytest.mark.parametrize("loop", ["unrolled", "scan"])
 @pytest.mark.parametrize("cfg", REF_CASES, ids=lambda c: f"{c.solver}-w{c.cfg_scale}-{c.cfg_schedule}-K{c.num_ar_steps}"
                                                         f"-T{c.temperature}")
-def test_matches_plain_python_reference(model, variables, buffer, cfg):
+def test_matches_plain_python_reference(model, variables, buffer, cfg, loop):
     rng = jax.random.key(7)
-    want, written, stats = reference_sample(model, variables, buffer, rng, cfg)
-    got = run_sampler(model, variables, buffer, rng, cfg)
+    want, written, stats = cached_reference(model, variables, buffer, rng, cfg)
+    got = run_sampler(model, variables, buffer, rng, dataclasses.replace(cfg, ar_loop=loop))
     assert got.shape == (BATCH, TINY.num_patches, TINY.latent_channels)
     assert np.all(written == 1)
     # not a vacuous comparison: the velocity moves the noise, and the two guidance passes differ
@@ -261,6 +274,32 @@ def test_matches_plain_python_reference(model, variables, buffer, cfg):
     assert (cfg.cfg_scale == 1.0) == (not stats["guidance"])
     assert not stats["guidance"] or min(stats["guidance"]) > 1e-2
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
+
+
+def test_auto_loop_choice():
+    assert sampling.SamplerConfig(num_ar_steps=4).unrolled
+    assert sampling.SamplerConfig(num_ar_steps=sampling.UNROLL_MAX_STEPS).unrolled
+    assert not sampling.SamplerConfig(num_ar_steps=sampling.UNROLL_MAX_STEPS + 1).unrolled
+    assert sampling.SamplerConfig(num_ar_steps=64, ar_loop="unrolled").unrolled
+    assert not sampling.SamplerConfig(num_ar_steps=2, ar_loop="scan").unrolled
+    with pytest.raises(ValueError, match="ar_loop"):
+        sampling.SamplerConfig(ar_loop="while").validate()
+
+
+@pytest.mark.parametrize("L,K", [(64, 4), (9, 16), (1, 3)])
+def test_unrolled_equals_scan_beyond_the_auto_limit_and_when_steps_are_empty(L, K):
+    """K > L gives steps with nothing to sample (skipped by the unrolled loop, all-padding in the scan)."""
+    cfg = TokenizerConfig(latent_size=int(math.isqrt(L)), latent_channels=4, preset="tiny", resampler_width=8,
+                          resampler_depth=1, token_dim=8, codebook_size=8, velocity_width=16, velocity_depth=1)
+    m = build_tokenizer(cfg)
+    v = jax.tree.map(jnp.asarray, host_variables(m, seed=L + K))
+    width = PRESETS[cfg.preset][0]
+    buf = jnp.asarray(np.random.default_rng(K).standard_normal((2, cfg.num_tokens, width)), jnp.float32)
+    outs = [np.asarray(jax.jit(lambda v, b, r, c=sampling.SamplerConfig(num_ar_steps=K, solver_steps=3, ar_loop=loop):
+                               sampling.sample_latent_patches(m, v, b, r, c))(v, buf, jax.random.key(1)))
+            for loop in ("unrolled", "scan")]
+    assert np.abs(outs[0]).min() > 0 or L == 1
+    np.testing.assert_allclose(outs[0], outs[1], atol=ATOL, rtol=RTOL)
 
 
 def test_reference_is_sensitive_to_the_second_order_term(model, variables, buffer):
@@ -394,15 +433,16 @@ def test_no_recompilation(model, variables, buffer):
 # ----------------------------------------------------------------------------- sharding
 
 
+@pytest.mark.parametrize("loop", ["unrolled", "scan"])
 @pytest.mark.parametrize("mesh_shape", [[("data", 8)], [("data", 2), ("fsdp", 2), ("tensor", 2)]],
                          ids=["data8", "d2f2t2"])
-def test_sharded_matches_single_device(model, mesh_shape):
+def test_sharded_matches_single_device(model, mesh_shape, loop):
     """Variables placed by sharding.sharded_init, the batch by put_batch, jitted under use_mesh: the batch-8
     result equals the single-device one. A mesh without some axis (data8 has no fsdp/tensor) must work
     with the default rules too: their fsdp/tensor entries then mean "replicated"."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 (virtual) devices")
-    cfg = sampling.SamplerConfig(solver="dpm_solver_pp_2m", solver_steps=4)
+    cfg = sampling.SamplerConfig(solver="dpm_solver_pp_2m", solver_steps=4, ar_loop=loop)
     mesh = sharding.make_mesh(mesh_shape)
     rules = sharding.DEFAULT_RULES
     host = host_variables(model)

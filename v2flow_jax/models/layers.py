@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from v2flow_jax.models.dropout import Dropout
+
 Dtype = Any
 
 xavier_uniform = nn.initializers.xavier_uniform()
@@ -54,33 +56,52 @@ def gelu(x):
     return nn.gelu(x, approximate=False)  # torch's nn.GELU default: exact erf
 
 
+def select_rows(x, rows):
+    """x[:, rows]: `rows` a static slice, or (B, M) int indices (one set per sample)."""
+    if rows is None:
+        return x
+    if isinstance(rows, slice):
+        return x[:, rows]
+    return jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with qkv bias; `valid` masks out padded keys."""
+    """Multi-head self-attention with qkv bias; `valid` masks out padded keys.
+
+    `query_rows` (see `select_rows`) restricts the output to those rows: every row is still a key and
+    value, but queries, the output projection and everything after run on the selected rows only.
+    """
     num_heads: int
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, valid=None, *, train: bool = False):
+    def __call__(self, x, valid=None, *, query_rows=None, train: bool = False):
         b, s, d = x.shape
         head_dim = d // self.num_heads
         qkv = dense(3 * d, ("embed", "mlp"), dtype=self.dtype, name="qkv")(x)
         qkv = qkv.reshape(b, s, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = select_rows(q, query_rows)
         q, k, v = (a.astype(self.dtype) for a in (q, k, v))
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
         if valid is not None:
             logits = jnp.where(valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1)
-        weights = nn.Dropout(self.dropout)(weights, deterministic=not train)
+        weights = Dropout(self.dropout)(weights, deterministic=not train)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v,
-                         preferred_element_type=jnp.float32).reshape(b, s, d)
+                         preferred_element_type=jnp.float32).reshape(b, q.shape[1], d)
         out = dense(d, ("mlp", "embed"), dtype=self.dtype, name="proj")(out)
-        return nn.Dropout(self.dropout)(out, deterministic=not train)
+        out = nn.with_logical_constraint(out, ("batch", "seq", "embed"))
+        return Dropout(self.dropout)(out, deterministic=not train)
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN ViT block (MAR / timm style): attention and a GELU MLP of ratio 4, both with dropout."""
+    """Pre-LN ViT block (MAR / timm style): attention and a GELU MLP of ratio 4, both with dropout.
+
+    With `query_rows` the block returns only those rows (all rows still serve as keys and values):
+    the last block of a stack whose other outputs are thrown away need not compute them.
+    """
     num_heads: int
     mlp_ratio: float = 4.0
     dropout: float = 0.0
@@ -88,14 +109,18 @@ class TransformerBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, valid=None, *, train: bool = False):
+    def __call__(self, x, valid=None, *, query_rows=None, train: bool = False):
         d = x.shape[-1]
         h = layer_norm(self.eps, dtype=self.dtype, name="norm1")(x)
-        x = x + Attention(self.num_heads, self.dropout, self.dtype, name="attn")(h, valid, train=train)
+        attn = Attention(self.num_heads, self.dropout, self.dtype, name="attn")
+        # Pin the selected rows' layout: left to propagation, jax 0.10.2 partitioned the output projection
+        # of a query subset wrongly on a data x fsdp x tensor mesh (wrong rows on 2 of 4 batch shards).
+        x = nn.with_logical_constraint(select_rows(x, query_rows), ("batch", "seq", "embed"))
+        x = x + attn(h, valid, query_rows=query_rows, train=train)
         h = layer_norm(self.eps, dtype=self.dtype, name="norm2")(x)
         h = gelu(dense(int(d * self.mlp_ratio), ("embed", "mlp"), dtype=self.dtype, name="fc1")(h))
-        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = Dropout(self.dropout)(h, deterministic=not train)
         h = dense(d, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
-        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = Dropout(self.dropout)(h, deterministic=not train)
         x = x + h
         return nn.with_logical_constraint(x, ("batch", "seq", "embed"))

@@ -63,34 +63,47 @@ class MaskedEncoderDecoder(nn.Module):
         self.diffusion_pos = _param(self, "diffusion_pos_embed", (L, self.dec_width), ("seq", "embed"))
 
     def encode(self, buffer, patches, visible_idx, visible_valid, drop_buffer, *, train=False):
-        """buffer (B,n,De), patches (B,L,C), window (B,V) indices/valid, drop_buffer (B,) -> (B,n+V,De)."""
+        """buffer (B,n,De), patches (B,L,C), window (B,V) indices/valid, drop_buffer (B,) -> (B,n+V,De).
+
+        `visible_valid=None` means every window row is a real patch (no key mask).
+        """
         n = self.buffer_size
         buffer = jnp.where(drop_buffer[:, None, None], self.fake_latent.astype(buffer.dtype), buffer)
         seen = jnp.take_along_axis(patches, visible_idx[..., None], axis=1)
         x_patch = self.z_proj(seen) + jnp.take(self.enc_pos[n:], visible_idx, axis=0)
         x = jnp.concatenate([buffer.astype(x_patch.dtype) + self.enc_pos[:n], x_patch], axis=1)
         x = self.z_proj_ln(x)
-        valid = jnp.concatenate([jnp.ones(buffer.shape[:2], bool), visible_valid], axis=1)
+        valid = None
+        if visible_valid is not None:
+            valid = jnp.concatenate([jnp.ones(buffer.shape[:2], bool), visible_valid], axis=1)
         for block in self.encoder_blocks:
             x = block(x, valid, train=train)
         return self.encoder_norm(x)
 
-    def decode(self, encoded, visible_idx, visible_valid, *, train=False):
-        """Encoded rows -> per-patch conditioning z (B, L, Dd)."""
+    def decode(self, encoded, visible_idx, visible_valid, output_idx=None, *, train=False):
+        """Encoded rows -> per-patch conditioning z: (B, L, Dd), or (B, M, Dd) at patches `output_idx` (B, M).
+
+        Only patch rows are ever read out, so the last block computes queries (and its MLP) for the
+        wanted rows alone: the L patch rows in training, the M patches being sampled in the sampler.
+        """
         n, L = self.buffer_size, self.num_patches
         y = self.decoder_embed(encoded)
         b, d = y.shape[0], y.shape[-1]
         mask_token = self.mask_token.astype(y.dtype)
-        rows = jnp.where(visible_valid[..., None], y[:, n:], mask_token)
+        rows = y[:, n:] if visible_valid is None else jnp.where(visible_valid[..., None], y[:, n:], mask_token)
         grid = jnp.broadcast_to(mask_token, (b, L, d))
         # Window indices are distinct within a sample (a slice of a permutation): a plain scatter.
         grid = grid.at[jnp.arange(b)[:, None], visible_idx].set(rows)
         x = jnp.concatenate([y[:, :n], grid], axis=1) + self.dec_pos
-        for block in self.decoder_blocks:
+        for block in self.decoder_blocks[:-1]:
             x = block(x, train=train)
-        x = self.decoder_norm(x)
-        return x[:, n:] + self.diffusion_pos
+        if output_idx is None:
+            wanted, pos = slice(n, None), self.diffusion_pos
+        else:
+            wanted, pos = n + output_idx, jnp.take(self.diffusion_pos, output_idx, axis=0)
+        x = self.decoder_blocks[-1](x, query_rows=wanted, train=train)
+        return self.decoder_norm(x) + pos
 
-    def __call__(self, buffer, patches, visible_idx, visible_valid, drop_buffer, *, train=False):
+    def __call__(self, buffer, patches, visible_idx, visible_valid, drop_buffer, output_idx=None, *, train=False):
         encoded = self.encode(buffer, patches, visible_idx, visible_valid, drop_buffer, train=train)
-        return self.decode(encoded, visible_idx, visible_valid, train=train)
+        return self.decode(encoded, visible_idx, visible_valid, output_idx, train=train)

@@ -137,8 +137,10 @@ class V2FlowTokenizer(nn.Module):
         return self.buffer_from_codes(self.quantizer.lookup(indices))
 
     # ---- decoding pieces ------------------------------------------------------------------------
-    def decoder_features(self, buffer, patches, visible_idx, visible_valid, drop_buffer, *, train=False):
-        return self.mar(buffer, patches, visible_idx, visible_valid, drop_buffer, train=train)
+    def decoder_features(self, buffer, patches, visible_idx, visible_valid, drop_buffer, output_idx=None, *,
+                         train=False):
+        """z (B, L, D_dec), or (B, M, D_dec) at the patches `output_idx` (B, M) only."""
+        return self.mar(buffer, patches, visible_idx, visible_valid, drop_buffer, output_idx, train=train)
 
     def velocity(self, x, t, z):
         """x (M,C), flow time t (M,) in [0,1], z (M,D) -> v (M,C)."""
