@@ -2,10 +2,9 @@
 
 Why: on CPU, threefry bits for dropout's masks (3.3 M a step, each word a 20-round threefry block)
 doubled the forward pass of the release-sized training step (~80 ms against ~46 ms with dropout
-off, on the 2-core development VM). A mask needs far less: one
-well-mixed 32-bit word per element. Here each element's word is a keyed hash of its coordinates,
-computed inside the same fusion as the multiply, so the mask costs a few integer ops an element and
-is never materialised as a separate random array.
+off, on the 2-core development VM). A mask needs far less: one well-mixed 32-bit word per element.
+Here each element's word is a keyed hash of its coordinates, computed inside the same fusion as the
+multiply, so the mask costs a few integer ops an element and is never a separate random array.
 
 The hash: an element's flat index xored with one key word, a 32-bit avalanche mixer (the
 "lowbias32" multiply/xor-shift constants), the second key word, the mixer again. Both steps are
