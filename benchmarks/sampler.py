@@ -16,8 +16,9 @@ DPM-Solver++(2M) 20 steps with guidance (cfg 2.9, both passes). "release-novocab
 RegStage depth 2, codebook 1024, token_dim 256. The release's own time for the same work, on the
 same machine, comes from `benchmarks/release_pytorch/` (2 torch threads): RELEASE_SECONDS below, or
 `--release-seconds` to pass figures measured elsewhere. (The issue quoted 0.49 s / 0.41 s, taken on
-a faster AVX-512 machine; on the 2-core Zen 3 development VM the release takes 0.71 s / 0.72 s.) Only the dpm_solver_pp_2m rows are equal work, so only they get a speed-up;
-euler has the same NFE, heun twice as many.
+a faster AVX-512 machine; on the 2-core Zen 3 development VM the release takes 0.71 s / 0.72 s.)
+Only the dpm_solver_pp_2m rows are equal work, so only they get a speed-up; euler has the same NFE,
+heun twice as many.
 
 Compile time is the first call minus the steady-state median. The timed calls are interleaved across
 solvers; on a shared machine also read the min and the CPU-time columns. Parameters are the real initialiser's
@@ -133,15 +134,16 @@ def markdown(rows, args) -> str:
     head = ("| config | solver | AR loop | params (M) | MAR passes | velocity NFE | compile (s) | latency / batch (ms) "
             "| latency / image (ms) | images / s | CPU time / batch (s) | release (ms / batch) | speed-up |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
+    release = release_seconds(args)
     for r in rows:
         base = r["config"].split(" ")[0]
-        release = release_seconds(args)
         equal_work = (r["solver"] == "dpm_solver_pp_2m" and base in release
                       and args.batch == 4 and args.solver_steps == 20 and args.ar_steps == 4 and args.cfg != 1.0)
         rel = release.get(base)
         rel_s = f"{1e3 * rel:.0f}" if rel and equal_work else "-"
         speed = f"{rel / r['batch_s']:.2f}x" if rel and equal_work else "-"
-        out.append(f"| {r['config']} | {r['solver']} | {r['loop']} | {r['params_m']:.2f} | {r['mar_passes']} | {r['velocity_nfe']} "
+        out.append(f"| {r['config']} | {r['solver']} | {r['loop']} | {r['params_m']:.2f} | {r['mar_passes']} "
+                   f"| {r['velocity_nfe']} "
                    f"| {r['compile_s']:.1f} | {1e3 * r['batch_s']:.1f} ({1e3 * r['spread'][0]:.0f}-"
                    f"{1e3 * r['spread'][1]:.0f}) | {r['image_ms']:.1f} | {r['images_per_s']:.1f} | {r['cpu_s']:.2f} "
                    f"| {rel_s} | {speed} |")
