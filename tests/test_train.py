@@ -236,6 +236,38 @@ def test_sharded_mesh_gives_the_same_loss_curve_as_one_device(mesh_run):
     assert worst[0] <= 1e-5, f"parameters differ after {len(m1)} steps: {worst[0]:.3g} at {worst[1]}"
 
 
+def test_nonfinite_step_leaves_the_model_untouched():
+    """The NaN/inf guard: a batch that makes the loss NaN changes nothing but the step counter; the next
+    good batch updates params, optimizer, EMA and codebook as usual."""
+    from v2flow_jax import sharding
+    config = tiny_config(**{"optim.warmup_steps": 0})   # batch 8 over the 8 virtual devices; lr > 0 at once
+    run = build.build_run(config)
+    tx = train.make_optimizer(config)
+    state, frozen, state_sh = train.init_state(run, tx, 0)
+    images = np.random.RandomState(0).uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)
+    good = sharding.put_batch({"image": images}, run.mesh)
+    poisoned = images.copy()
+    poisoned[3, 5, 7, 1] = np.nan
+    bad = sharding.put_batch({"image": poisoned}, run.mesh)
+    step_fn, _ = train.compile_train_step(run, tx, state, state_sh, frozen, good)
+    model_parts = lambda s: jax.tree.map(np.asarray, (s.params, s.opt_state, s.ema_params, s.vq))
+    before = model_parts(state)   # copied out: the step donates its input state
+
+    state, metrics = step_fn(state, bad, frozen)
+    assert float(metrics["nonfinite"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+    assert int(state.step) == 1
+    _assert_trees_close(model_parts(state), before, atol=0.0)
+
+    state, metrics = step_fn(state, good, frozen)
+    assert float(metrics["nonfinite"]) == 0.0 and int(state.step) == 2
+    params, opt_state, ema, vq = model_parts(state)
+    for name, new, old in (("params", params, before[0]), ("opt_state", opt_state, before[1]),
+                           ("ema", ema, before[2]), ("vq", vq, before[3])):
+        changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old))]
+        assert any(changed), f"{name} did not change on a good step"
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
 # ---------------------------------------------------------------------------- 4. config validation
 @pytest.mark.parametrize("change, field", [
     (lambda c: c.model.__setitem__("widht", 3), "widht"),

@@ -127,10 +127,20 @@ def sample_latent_patches(model, variables, buffer, rng, cfg: SamplerConfig):
         """Step noise, (B, max_leaving, C): the same draw whichever loop runs."""
         return cfg.temperature * jax.random.normal(key, (b * plan.max_leaving, C), jnp.float32).reshape(b, -1, C)
 
-    def ar_step(patches, vis_idx, vis_valid, out_idx, out_valid, x1, w):
+    def decoder_features(buffer, patches, vis_idx, vis_valid, drop, out_idx):
+        return model.apply(variables, buffer, patches, vis_idx, vis_valid, drop, out_idx, method=model.decoder_features)
+
+    def ar_step(patches, vis_idx, vis_valid, out_idx, out_valid, x1, w, first=False):
         """One AR step: encoder/decoder pass, then the guided ODE solve for the rows `out_idx`."""
-        z_out = model.apply(variables, buffers, twice(patches), twice(vis_idx), twice(vis_valid), drop,
-                            twice(out_idx), method=model.decoder_features)                  # (B or 2B, M, D)
+        if guided and first:
+            # Nothing is known yet, so the unconditional pass (dummy buffer, every patch masked) is the
+            # same for every sample: run it once, for all L patches, and give each sample its rows.
+            z_cond = decoder_features(buffer, patches, vis_idx, vis_valid, drop[:b], out_idx)
+            z_all = decoder_features(buffer[:1], patches[:1], vis_idx[:1], None, drop[b:b + 1], None)  # (1, L, D)
+            z_out = jnp.concatenate([z_cond, jnp.take(z_all[0], out_idx, axis=0)])
+        else:
+            z_out = decoder_features(buffers, twice(patches), twice(vis_idx), twice(vis_valid), drop,
+                                     twice(out_idx))                                          # (B or 2B, M, D)
         # z is fixed during the ODE solve and t is shared by all rows: embed each once.
         cond_emb = model.apply(variables, z_out.reshape(-1, z_out.shape[-1]), method=model.velocity_condition)
 
@@ -153,7 +163,8 @@ def sample_latent_patches(model, variables, buffer, rng, cfg: SamplerConfig):
                 continue
             start = max(before - plan.max_leaving, 0)            # the scan's window, for the same noise rows
             x1 = noise(keys[k])[:, after - start:before - start]
-            patches = ar_step(patches, orders[:, before:], None, orders[:, after:before], None, x1, w)
+            patches = ar_step(patches, orders[:, before:], None, orders[:, after:before], None, x1, w,
+                              first=before == L)
         return patches
 
     def scan_step(patches, xs):

@@ -129,23 +129,24 @@ def train_step(run: build.Run, tx, state: TrainState, batch, frozen):
         return loss, (aux, updates["vq"])
 
     (loss, (aux, vq)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state.ema_params
-    if ema is not None:
-        d = run.config.ema_decay
-        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
-
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def apply_update(state):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            d = run.config.ema_decay
+            ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+        return state.replace(params=params, opt_state=opt_state, ema_params=ema, vq=vq)
+
     # NaN/inf guard: a bad step leaves the model untouched (and is counted); the host stops the run
-    # after config.max_nonfinite_steps bad steps in a row.
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              opt_state=keep(opt_state, state.opt_state),
-                              ema_params=None if ema is None else keep(ema, state.ema_params),
-                              vq=keep(vq, state.vq))
-    metrics = {**aux, "grad_norm": grad_norm, "param_norm": _tree_norm(params),
+    # after config.max_nonfinite_steps bad steps in a row. A branch, not a per-leaf select: selecting
+    # between old and new state costs a pass over every tensor and forces copies of the donated ones.
+    new_state = jax.lax.cond(finite, apply_update, lambda state: state, state)
+    new_state = new_state.replace(step=state.step + 1)
+    metrics = {**aux, "grad_norm": grad_norm, "param_norm": _tree_norm(new_state.params),
                "learning_rate": learning_rate_schedule(run.config)(state.step), "nonfinite": 1.0 - finite}
     return new_state, metrics
 

@@ -183,11 +183,12 @@ class V2FlowTokenizer(nn.Module):
         c = self.config
         m = c.diffusion_batch_mul
         x0 = jnp.repeat(patches.reshape(-1, c.latent_channels), m, axis=0)
-        cond = jnp.repeat(z.reshape(-1, z.shape[-1]), m, axis=0)
+        # The condition embedding is linear: embed each patch once, then repeat (not m times over).
+        cond_emb = jnp.repeat(self.velocity_condition(z.reshape(-1, z.shape[-1])), m, axis=0)
         weight = jnp.repeat(mask.reshape(-1).astype(jnp.float32), m, axis=0)
         t = flow.sample_train_time(self.make_rng("sample"), (x0.shape[0],), c.time_shift)
         eps = jax.random.normal(self.make_rng("sample"), x0.shape, jnp.float32)
-        v = self.velocity(flow.interpolate(x0, eps, t[:, None]), t, cond)
+        v = self.velocity_from_condition(flow.interpolate(x0, eps, t[:, None]), t, cond_emb)
         per_patch = jnp.mean((v - flow.velocity_target(x0, eps)) ** 2, axis=-1)
         return jnp.sum(per_patch * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
