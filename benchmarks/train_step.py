@@ -8,18 +8,22 @@ figure (issue: one step = forward, backward, AdamW on 4 latents of 8x8x32; width
 velocity MLP 2 x 256, resampler width 128, generator over a 2048 x 256 vocabulary, codebook 16384 x
 256, diffusion batch multiplier 4). The release's own step time on the same machine comes from
 `benchmarks/release_pytorch/` (2 torch threads; its step has no weight EMA, ours does): 0.478 s / 0.196 s
-on the 2-core Zen 3 development VM. (The issue quoted 0.28 s / 0.13 s from a faster AVX-512 machine.)
+on the 2-core Zen 3 development VM on a quiet day; that VM's speed drifts, so for a comparison time
+both back to back and pass the release's figures with `--release-seconds`. (The issue quoted
+0.28 s / 0.13 s from a faster AVX-512 machine.) The page-fault column shows whether freed host
+memory is being kept (v2flow_jax/host_memory.py; V2FLOW_RETAIN_HOST_MEMORY=0 turns it off).
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
 import jax
 import numpy as np
 
-from v2flow_jax import build, config_defaults, sharding, train
+from v2flow_jax import build, config_defaults, host_memory, sharding, train
 
 # benchmarks/release_pytorch on the 2-core AMD EPYC (Zen 3) development VM, December 2026
 RELEASE_SECONDS = {"release": 0.478, "release_novocab": 0.196}
@@ -98,16 +102,18 @@ def measure(name: str, repeats: int, dtype: str, dropout: float, peak: float):
         state, metrics = step_fn(state, batch, frozen)
     jax.block_until_ready(state)
     times = []
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(repeats):
         t = time.perf_counter()
         state, metrics = step_fn(state, batch, frozen)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / repeats
     step = statistics.median(times)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     return dict(name=name, params_m=n_params / 1e6, batch=config.batch_size, step_s=step, spread=(min(times), max(times)),
                 img_s=config.batch_size / step, gflop=flops / 1e9, mfu=flops / step / peak if peak else 0.0,
-                mem_mb=peak_bytes / 2**20, compile_s=compile_s)
+                mem_mb=peak_bytes / 2**20, compile_s=compile_s, faults=faults)
 
 
 def main():
@@ -121,23 +127,31 @@ def main():
                              "a measured 2048^2 f32 matmul on CPU)")
     parser.add_argument("--dtypes", default="float32,bfloat16",
                         help="compute dtypes to time (bfloat16 = bf16 matmul inputs, f32 accumulation)")
+    parser.add_argument("--release-seconds", default="",
+                        help="override the release's figures, e.g. 'release=0.44,release_novocab=0.22'")
     args = parser.parse_args()
+    release = dict(RELEASE_SECONDS)
+    for item in filter(None, args.release_seconds.split(",")):
+        key, value = item.split("=")
+        release[key.strip()] = float(value)
     names = ["tiny", "release", "release_novocab", "mid"] if args.configs == "all" else args.configs.split(",")
     peak = args.peak or (measured_matmul_peak() if jax.devices()[0].platform == "cpu"
                          else train.peak_flops(config_defaults.base_config()))
     print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind} x {jax.device_count()}, "
-          f"peak {peak / 1e9:.0f} GFLOP/s per device; median of {args.repeats} steps (min-max)\n")
+          f"peak {peak / 1e9:.0f} GFLOP/s per device; median of {args.repeats} steps (min-max); freed host memory "
+          f"{'retained' if host_memory._state['applied'] else 'returned to the OS'} "
+          f"({host_memory.ENV_SWITCH}, v2flow_jax/host_memory.py)\n")
     peak *= jax.device_count()
     print("| config | dtype | params (M) | batch | step (s) | images/s | GFLOP/step | MFU | peak mem (MB) | compile (s) "
-          "| release (s) | speed-up |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| page faults / step | release (s) | speed-up |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, dtype in [(n, d) for n in names for d in args.dtypes.split(",")]:
         r = measure(name, args.repeats, dtype, args.dropout, peak)
-        ref = RELEASE_SECONDS.get(name)
+        ref = release.get(name)
         speedup = f"{ref / r['step_s']:.1f}x" if ref else "-"
         print(f"| {name} | {dtype} | {r['params_m']:.2f} | {r['batch']} | {r['step_s']:.3f} ({r['spread'][0]:.3f}-"
               f"{r['spread'][1]:.3f}) | {r['img_s']:.1f} | "
-              f"{r['gflop']:.2f} | {100 * r['mfu']:.1f}% | {r['mem_mb']:.0f} | {r['compile_s']:.1f} | "
+              f"{r['gflop']:.2f} | {100 * r['mfu']:.1f}% | {r['mem_mb']:.0f} | {r['compile_s']:.1f} | {r['faults']:.0f} | "
               f"{ref if ref else '-'} | {speedup} |", flush=True)
 
 

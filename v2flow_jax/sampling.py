@@ -13,7 +13,8 @@ rounding; `ar_loop` picks):
   * "unrolled": a Python loop inside the one jitted program, each step with its exact sizes: the
     encoder sees the buffer plus exactly the patches known so far, the decoder's last block and the
     ODE solve run on exactly the patches leaving the mask (5/14/21/24 rows a sample for L = 64,
-    K = 4). Least work; the program grows with K.
+    K = 4). At step 0 nothing is known, so the unconditional pass is the same for every sample and
+    runs once, on a batch of one. Least work; the program grows with K.
   * "scan": `lax.scan` over the steps, whose body needs one shape for all of them. Every step uses
     the same two static windows over the order: the known patches are the last `max_known` order
     positions (as in training), padding rows masked as keys; the leaving patches are `max_leaving`
