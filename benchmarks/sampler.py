@@ -38,6 +38,8 @@ import jax
 from v2flow_jax import sampling
 from v2flow_jax.models.tokenizer import TokenizerConfig, build_tokenizer, count_parameters, init_variables
 
+import release_figures  # benchmarks/release_figures.py (this directory is on sys.path when run as a script)
+
 CONFIGS = {
     "tiny": TokenizerConfig(latent_size=8, latent_channels=8, preset="tiny", resampler_width=16, resampler_depth=1,
                             token_dim=32, codebook_size=64, velocity_width=32, velocity_depth=2),
@@ -122,19 +124,11 @@ def time_config(name: str, model_cfg: TokenizerConfig, solvers, args):
     return rows
 
 
-def release_seconds(args) -> dict:
-    out = dict(RELEASE_SECONDS)
-    for item in filter(None, args.release_seconds.split(",")):
-        name, value = item.split("=")
-        out[name.strip()] = float(value)
-    return out
-
-
 def markdown(rows, args) -> str:
     head = ("| config | solver | AR loop | params (M) | MAR passes | velocity NFE | compile (s) | latency / batch (ms) "
             "| latency / image (ms) | images / s | CPU time / batch (s) | release (ms / batch) | speed-up |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
-    release = release_seconds(args)
+    release = release_figures.with_overrides(RELEASE_SECONDS, args.release_seconds)
     for r in rows:
         base = r["config"].split(" ")[0]
         equal_work = (r["solver"] == "dpm_solver_pp_2m" and base in release

@@ -25,6 +25,8 @@ import numpy as np
 
 from v2flow_jax import build, config_defaults, host_memory, sharding, train
 
+import release_figures  # benchmarks/release_figures.py (this directory is on sys.path when run as a script)
+
 # benchmarks/release_pytorch on the 2-core AMD EPYC (Zen 3) development VM, December 2026
 RELEASE_SECONDS = {"release": 0.478, "release_novocab": 0.196}
 
@@ -130,16 +132,13 @@ def main():
     parser.add_argument("--release-seconds", default="",
                         help="override the release's figures, e.g. 'release=0.44,release_novocab=0.22'")
     args = parser.parse_args()
-    release = dict(RELEASE_SECONDS)
-    for item in filter(None, args.release_seconds.split(",")):
-        key, value = item.split("=")
-        release[key.strip()] = float(value)
+    release = release_figures.with_overrides(RELEASE_SECONDS, args.release_seconds)
     names = ["tiny", "release", "release_novocab", "mid"] if args.configs == "all" else args.configs.split(",")
     peak = args.peak or (measured_matmul_peak() if jax.devices()[0].platform == "cpu"
                          else train.peak_flops(config_defaults.base_config()))
     print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind} x {jax.device_count()}, "
           f"peak {peak / 1e9:.0f} GFLOP/s per device; median of {args.repeats} steps (min-max); freed host memory "
-          f"{'retained' if host_memory._state['applied'] else 'returned to the OS'} "
+          f"{'retained' if host_memory.applied() else 'returned to the OS'} "
           f"({host_memory.ENV_SWITCH}, v2flow_jax/host_memory.py)\n")
     peak *= jax.device_count()
     print("| config | dtype | params (M) | batch | step (s) | images/s | GFLOP/step | MFU | peak mem (MB) | compile (s) "

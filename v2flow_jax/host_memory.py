@@ -59,6 +59,11 @@ def retain_freed_memory() -> bool:
     return _state["applied"]
 
 
+def applied() -> bool:
+    """Whether this process keeps its freed memory (set by `import v2flow_jax` or `retain_freed_memory`)."""
+    return bool(_state["applied"])
+
+
 def apply_default() -> bool:
     """What `import v2flow_jax` does: retain on CPU-only installs unless V2FLOW_RETAIN_HOST_MEMORY says otherwise."""
     switch = os.environ.get(ENV_SWITCH, "auto").strip().lower()
