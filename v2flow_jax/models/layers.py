@@ -85,8 +85,8 @@ class Attention(nn.Module):
         qkv = qkv.reshape(b, s, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = select_rows(q, query_rows) * (1.0 / math.sqrt(head_dim))   # scale q: M*d multiplies, not M*s
-        # Heads-major (b, h, seq, d) operands and an additive key mask: on XLA:CPU this layout runs the
-        # attention core ~1.5-2x faster than (b, seq, h, d) einsums with a `where` on the logits.
+        # Heads-major (b, h, seq, d) operands and an additive key mask: on XLA:CPU the attention core runs
+        # ~1.8x faster (1.3x with its gradient) than (b, seq, h, d) einsums with a `where` on the logits.
         q, k, v = (a.astype(self.dtype).transpose(0, 2, 1, 3) for a in (q, k, v))
         logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
         if valid is not None:
