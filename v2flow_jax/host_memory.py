@@ -2,9 +2,10 @@
 
 XLA:CPU allocates every execution's temporary buffer (and each output that is not donated) afresh.
 glibc serves blocks that large by mmap, from the calling thread's arena, and unmaps them on free,
-so the next step faults in every page again: 46 k minor faults (180 MB) per step in the
-release-sized training benchmark, an eighth to a quarter of its step time on a 2-core VM. With one arena,
-no mmap for large blocks and no trimming, freed blocks are reused and the faults go away. The cost:
+so the next step faults in every page again: ~42 k minor faults (~180 MB) per step in the
+release-sized training benchmark (~28 k without the vocabulary), an eighth to a quarter of its step
+time on a 2-core VM. With one arena, no mmap for large blocks and no trimming, freed blocks are
+reused and the faults go away. The cost:
 the process keeps its high-water mark of host memory instead of handing it back to the OS.
 
 `import v2flow_jax` applies this when JAX will run on the CPU (no TPU/GPU plugin installed and
