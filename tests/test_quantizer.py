@@ -217,9 +217,9 @@ def test_quantizer_gradient_is_rotated_not_straight_through():
     assert np.abs(grad - g.reshape(-1, D)).max() > 0.1
 
 
-def test_dead_codes_restart_onto_batch_inputs():
-    thr = 0.5
-    qz, v = _init(dead_code_threshold=thr)
+def test_dead_codes_restart_onto_distinct_batch_inputs_with_a_grace_size():
+    thr, noise = 0.5, 0.1
+    qz, v = _init(dead_code_threshold=thr, restart_noise=noise)
     codebook0 = state_of(v)["codebook"]
     rng = np.random.default_rng(11)
     # 24 inputs near codes 0 and 1 only: after one step those have cs = 0.2 * 12 = 2.4 > thr,
@@ -239,16 +239,59 @@ def test_dead_codes_restart_onto_batch_inputs():
     np.testing.assert_allclose(got["codebook"][~dead], ema["codebook"][~dead], atol=1e-5)
     np.testing.assert_allclose(got["cluster_size"][~dead], ema["cluster_size"][~dead], atol=1e-6)
     np.testing.assert_allclose(got["embed_sum"][~dead], ema["embed_sum"][~dead], atol=1e-5)
-    # dead codes: each now sits exactly on one of the batch's unit inputs, with stats consistent
-    dist = np.linalg.norm(got["codebook"][dead][:, None] - unit_inputs[None], axis=-1).min(-1)
-    np.testing.assert_allclose(dist, 0.0, atol=1e-6)
-    np.testing.assert_allclose(got["cluster_size"][dead], thr)
-    np.testing.assert_allclose(got["embed_sum"][dead], thr * got["codebook"][dead], atol=1e-6)
+    # dead codes: unit vectors within the jitter of a batch input
+    fresh = got["codebook"][dead]
+    np.testing.assert_allclose(np.linalg.norm(fresh, axis=-1), 1.0, atol=1e-5)
+    dist = np.linalg.norm(fresh[:, None] - unit_inputs[None], axis=-1)
+    assert dist.min(-1).max() < 3 * noise and dist.min(-1).min() > 1e-4
+    # without jitter each sits exactly on an input, each on a different one (drawn without replacement)
+    qz_exact, _ = _init(dead_code_threshold=thr, restart_noise=0.0)
+    exact = state_of(_train_step(qz_exact)(v, x, jax.random.key(3))[3])["codebook"][dead]
+    dist0 = np.linalg.norm(exact[:, None] - unit_inputs[None], axis=-1)
+    np.testing.assert_allclose(dist0.min(-1), 0.0, atol=1e-6)
+    assert len(set(dist0.argmin(-1).tolist())) == dead.sum()
+    # they get the codebook's mean cluster size (not the threshold, which the next decay loses)
+    grace = max(ema["cluster_size"].mean(), thr)
+    np.testing.assert_allclose(got["cluster_size"][dead], grace, rtol=1e-6)
+    np.testing.assert_allclose(got["embed_sum"][dead], grace * fresh, atol=1e-6)
     # and without a threshold nothing is restarted (the release)
     qz0, v0 = _init()
     _, _, aux0, new0 = _train_step(qz0)(v0, x, jax.random.key(3))
     assert "restarted_codes" not in aux0
     np.testing.assert_allclose(state_of(new0)["codebook"], ema["codebook"], atol=1e-5)
+
+
+def test_identical_inputs_keep_distinct_codes_after_restarts():
+    """A collapsed encoder (every input the same vector) must not pull the codebook onto one point.
+
+    Without jitter every restarted code would copy that input exactly (all K codes equal, argmax ties);
+    with it they stay distinct, and restarts stop churning once each has its grace size.
+    """
+    qz, v = _init(dead_code_threshold=0.5, restart_noise=0.1)
+    x = np.broadcast_to(rand((D,), seed=5), (4, 6, D)).astype(np.float32)
+    step = _train_step(qz)
+    restarted = []
+    for i in range(6):
+        _, _, aux, new = step(v, x, jax.random.key(10 + i))
+        v = {**v, "vq": new["vq"]}
+        restarted.append(int(aux["restarted_codes"]))
+    codes = state_of(v)["codebook"]
+    cos = codes @ codes.T
+    np.fill_diagonal(cos, -1.0)
+    assert cos.max() < 0.9999, "two codes coincide"
+    assert restarted[0] == K - 1 and min(restarted[1:]) < K - 1, restarted
+
+
+def test_soft_assignment_information_matches_numpy():
+    sim = rand((5, 7, K), seed=21) * 0.3
+    t = 0.05
+    q = np.exp(sim.reshape(-1, K) / t)
+    q /= q.sum(-1, keepdims=True)
+    h = lambda p: -(p * np.log(p + 1e-12)).sum(-1)
+    want = h(q.mean(0)) - h(q).mean()
+    np.testing.assert_allclose(float(vq.soft_assignment_information(jnp.asarray(sim), t)), want, rtol=1e-4)
+    same = np.broadcast_to(sim[:1, :1], sim.shape)   # every input alike: no information
+    assert abs(float(vq.soft_assignment_information(jnp.asarray(same), t))) < 1e-5
 
 
 @pytest.mark.parametrize("mesh_shape", [[("data", 8)], [("data", 2), ("fsdp", 2), ("tensor", 2)]])

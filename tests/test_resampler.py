@@ -333,6 +333,10 @@ def test_resampler_vocabulary_mode_matches_numpy(rank=4):
     np.testing.assert_array_equal(np.asarray(aux["vocab_argmax"]), logits.argmax(-1))
     entropy = -(alpha * np.log(alpha)).sum(-1).mean()
     np.testing.assert_allclose(float(aux["vocab_entropy"]), entropy, rtol=1e-4)
+    mean = alpha.reshape(-1, vocab).mean(0)
+    batch_entropy = -(mean * np.log(mean)).sum()
+    np.testing.assert_allclose(float(aux["vocab_perplexity"]), np.exp(batch_entropy), rtol=1e-4)
+    np.testing.assert_allclose(float(aux["vocab_information"]), batch_entropy - entropy, rtol=1e-4, atol=1e-6)
 
     noisy = jit(lambda r: mod.apply({"params": p}, x, table, noisy=True, rngs={"sample": r})[0])
     n1, n2 = noisy(jax.random.key(1)), noisy(jax.random.key(2))

@@ -185,8 +185,7 @@ def test_vocabulary_mode_encode_deterministic_and_noisy(rank=8):
     np.testing.assert_array_equal(np.asarray(d1["codes"]), np.asarray(d2["codes"]))
     np.testing.assert_array_equal(np.asarray(n1["indices"]), np.asarray(n1_again["indices"]))
     # Gumbel noise: other 'sample' rngs give other soft mixtures, hence other tokens
-    assert float(n1["vocab_entropy"]) != float(n2["vocab_entropy"])
-    assert float(n1["vocab_entropy"]) != float(d1["vocab_entropy"])
+    assert np.abs(np.asarray(n1["codes"]) - np.asarray(n2["codes"])).max() > 0
     assert (np.asarray(n1["indices"]) != np.asarray(n2["indices"])).any()
     assert (np.asarray(n1["indices"]) != np.asarray(d1["indices"])).any()
     # config.noisy_encode=True makes the release's noisy encode the default (noisy=None)

@@ -165,6 +165,28 @@ def test_num_tokens_keeps_first_rows(ckpts):
     np.testing.assert_array_equal(np.asarray(table), ckpts["ref"][:10])
 
 
+def test_first_row_offsets_the_rows_and_checks_the_range(ckpts, mesh):
+    table = voc.load_embedding_table(ckpts["root"] / "sharded", num_tokens=10, first_row=5)
+    np.testing.assert_array_equal(np.asarray(table), ckpts["ref"][5:15])
+    spec = voc.table_sharding(mesh, sharding.DEFAULT_RULES)
+    rows = 8 * (len(ckpts["ref"]) // 16)
+    sharded = voc.load_embedding_table(ckpts["root"] / "sharded", num_tokens=rows, first_row=3, sharding=spec)
+    np.testing.assert_array_equal(np.asarray(sharded), ckpts["ref"][3:3 + rows])
+    with pytest.raises(voc.VocabularyError, match="first_row"):
+        voc.load_embedding_table(ckpts["root"] / "sharded", num_tokens=10, first_row=len(ckpts["ref"]) - 9)
+
+
+def test_vocabulary_words_from_tokenizer_json_and_vocab_txt(tmp_path):
+    import json
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"x": 2, "hello": 0, "##s": 1}}}))
+    assert voc.load_vocabulary_words(tmp_path / "a") == ["hello", "##s", "x"]
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "vocab.txt").write_text("[PAD]\nthe\nof\n")
+    assert voc.load_vocabulary_words(tmp_path / "b") == ["[PAD]", "the", "of"]
+    assert voc.load_vocabulary_words(tmp_path) is None
+
+
 @pytest.mark.parametrize("num_tokens", [None, 128])
 def test_sharded_placement_reads_only_blocks(ckpts, mesh, monkeypatch, num_tokens):
     reads = []

@@ -152,6 +152,7 @@ def install_vocabulary(run: Run, variables):
     path = resolve_checkpoint_dir(spec)
     table = vocabulary.load_embedding_table(
         path, tensor_name=run.config.vocabulary.tensor_name, num_tokens=cfg.vocab_size,
+        first_row=int(run.config.vocabulary.get("first_row", 0)),
         sharding=vocabulary.table_sharding(run.mesh, run.rules))
     if table.shape[1] != cfg.vocab_dim:
         raise ValueError(f"config.model.vocab_dim={cfg.vocab_dim} but the table in {path} is {table.shape[1]} wide: "

@@ -92,10 +92,29 @@ def run(config, workdir: str) -> dict:
             json.dump({"images_per_part": per_part}, f)
         os.replace(layout + ".tmp", layout)
     skip_images = skip_parts * per_part
-    it, num_records = input_pipeline.create_dataset(config.data, split=split, batch_size=batch_size,
-                                                    seed=config.seed, train=False, drop_remainder=False)
-    logging.info("Caching latents of split %r (%d records, all hosts) into %s; resuming after %d complete parts.",
-                 split, num_records, out_dir, skip_parts)
+    views = int(cache.get("views", 1))
+    if views < 1:
+        raise ValueError(f"config.cache.views={views} must be >= 1.")
+
+    def view_iterator(view):
+        # view 0 keeps the seed (and, without random crops, the images) of a single-view cache
+        it, n = input_pipeline.create_dataset(config.data, split=split, batch_size=batch_size,
+                                              seed=config.seed + view, train=False, drop_remainder=False,
+                                              random_crops=views > 1)
+        return it, n
+
+    first_it, num_records = view_iterator(0)
+    stats = [first_it.stats]
+
+    def batches():
+        for view in range(views):
+            it = first_it if view == 0 else view_iterator(view)[0]
+            if view:
+                stats.append(it.stats)
+            yield from it
+    it = batches()
+    logging.info("Caching latents of split %r (%d records x %d views, all hosts) into %s; resuming after %d "
+                 "complete parts.", split, num_records, views, out_dir, skip_parts)
     encode = _encode_fn(r)
     size = config.data.image_size
     # From the shapes alone: a resumed job may have nothing left to encode.
@@ -126,7 +145,8 @@ def run(config, workdir: str) -> dict:
         _write_part(part_path(out_dir, split, host, part), pending)
         part += 1
     summary = {"split": split, "host": host, "parts": part, "images": seen, "records": 2 * seen,
-               "latent_shape": latent_shape, "skipped_input": it.stats.summary()}
+               "latent_shape": latent_shape, "views": views,
+               "skipped_input": "; ".join(st.summary() for st in stats)}
     with open(done_marker + ".tmp", "w") as f:
         json.dump(summary, f)
     os.replace(done_marker + ".tmp", done_marker)

@@ -23,7 +23,9 @@ Sources (``config.data.source``):
 
 Pixel transform (guided-diffusion's "ADM" centre crop, as the official release uses): while the short
 side is >= 2S halve the image with a box filter, bicubic-resize so the short side is S, centre-crop SxS;
-then a random horizontal flip when ``train=True`` (deterministic: the rng comes from the seed and the
+then a random horizontal flip when ``train=True``. With ``config.data.random_crop_scale=(lo, hi)`` training
+takes instead a random square crop of U(lo, hi) times the short side, anywhere in the image, resized to
+SxS (many distinct views of few photos: the demo); evaluation keeps the centre crop. After either, (deterministic: the rng comes from the seed and the
 record's position in the stream), and scale uint8 to float32 ``x / 127.5 - 1``.
 
 Bad data never stops a run (unless ``config.data.strict``): a file PIL cannot identify, a truncated or
@@ -97,9 +99,14 @@ DEFAULTS = dict(
     strict=False,
     worker_count=0,
     demo_eval_names=("chelsea", "coffee", "rocket"),
+    demo_grayscale=True,
+    random_crop_scale=(),
     read_threads=8,
     prefetch_buffer_size=None,  # None: 2 * max(batch_size, read_threads) decoded images ahead
 )
+
+# The demo photos that are grayscale (config.data.demo_grayscale=False leaves them out of training).
+DEMO_GRAYSCALE = ("camera", "moon", "coins", "clock", "horse", "text", "cell", "brick", "grass", "gravel")
 
 # Demo photos: (package, file inside the package, name). scikit-image ships these in its wheel (its
 # other samples are fetched with pooch, so unusable offline); sklearn and matplotlib ones are used only
@@ -165,6 +172,21 @@ def adm_center_crop(pil_image: Image.Image, size: int) -> np.ndarray:
     top = (arr.shape[0] - size) // 2
     left = (arr.shape[1] - size) // 2
     return np.ascontiguousarray(arr[top:top + size, left:left + size])
+
+
+def random_resized_crop(image: np.ndarray, size: int, scale: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+    """A random square crop whose side is U(scale) times the short side, resized to size x size.
+
+    Bicubic with PIL's `reducing_gap` (a box reduction first on large downscales, like the ADM crop's
+    halving). Returns uint8 (size, size, 3).
+    """
+    h, w = image.shape[:2]
+    side = max(1, int(round(min(h, w) * rng.uniform(scale[0], scale[1]))))
+    top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    img = Image.fromarray(image)
+    out = img.resize((size, size), resample=Image.BICUBIC, box=(left, top, left + side, top + side),
+                     reducing_gap=2.0)
+    return np.ascontiguousarray(np.asarray(out))
 
 
 def _raw_mode(img: Image.Image) -> str:
@@ -325,18 +347,37 @@ class _UnparsedRecord:
     detail: str
 
 
+MEMO_MAX_RECORDS = 64
+
+
 class _DecodingSource:
     """Wraps a raw source: index -> {"image": uint8 (S,S,3) or None, "_counts": int32 per reason}."""
 
-    def __init__(self, raw: Any, image_size: int, strict: bool):
+    def __init__(self, raw: Any, image_size: int, strict: bool, center_crop: bool = True,
+                 min_crop_scale: float = 1.0):
         self._raw = raw
         self._size = image_size
         self._strict = strict
+        self._center_crop = center_crop   # False: the whole RGB image (a random crop follows) ...
+        # ... box-halved while even the smallest crop would keep >= 2x the output's pixels a side.
+        self._keep_short_side = image_size / min_crop_scale
+        # A handful of whole photos (the demo) are decoded once and kept: decoding them again for every
+        # random crop cost more than the training step on 2 cores.
+        self._memo: dict[int, dict[str, Any]] | None = {} if not center_crop and len(raw) <= MEMO_MAX_RECORDS \
+            else None
 
     def __len__(self) -> int:
         return len(self._raw)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if self._memo is not None and index in self._memo:
+            return dict(self._memo[index])
+        element = self._decode(index)
+        if self._memo is not None:
+            self._memo[index] = element
+        return dict(element)
+
+    def _decode(self, index: int) -> dict[str, Any]:
         key, payload = self._raw[index]
         counts = np.zeros(len(_REASONS), np.int32)
         try:
@@ -345,7 +386,13 @@ class _DecodingSource:
             img, notes = _to_rgb(_open(payload, key), key)
             if min(img.size) < self._size:
                 notes.add("upscaled")
-            image = adm_center_crop(img, self._size)
+            if self._center_crop:
+                image = adm_center_crop(img, self._size)
+            else:
+                img = img if img.mode == "RGB" else img.convert("RGB")
+                while min(img.size) >= 2 * self._keep_short_side:
+                    img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
+                image = np.asarray(img)
         except BadImageError as e:
             if self._strict:
                 raise
@@ -423,6 +470,16 @@ class _DropFailed(grain.transforms.Filter):
     def take_pending(self) -> np.ndarray:
         pending, self._pending = self._pending, np.zeros_like(self._pending)
         return pending
+
+
+class _RandomResizedCrop(grain.transforms.RandomMap):
+    """`random_resized_crop` of the whole decoded image (config.data.random_crop_scale)."""
+
+    def __init__(self, size: int, scale: Sequence[float]):
+        self._size, self._scale = int(size), tuple(float(s) for s in scale)
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        return dict(element, image=random_resized_crop(element["image"], self._size, self._scale, rng))
 
 
 class _RandomFlip(grain.transforms.RandomMap):
@@ -559,6 +616,8 @@ def demo_split_names(config_data: Any, split: str) -> list[str]:
         raise ValueError(f"config.data.demo_eval_names has {unknown} which are not available demo photos; "
                          f"choose from {sorted(photos)}.")
     names = [n for n in photos if (n in eval_names) == (split == "eval")]
+    if split == "train" and not _get(config_data, "demo_grayscale"):
+        names = [n for n in names if n not in DEMO_GRAYSCALE]
     if not names:
         raise ValueError(f"config.data.demo_eval_names={eval_names} leaves no photos for split {split!r}.")
     return names
@@ -617,6 +676,10 @@ def validate_data_config(config_data: Any) -> None:
     if not isinstance(workers, (int, np.integer)) or workers < 0:
         raise ValueError(f"config.data.worker_count={workers!r} must be an integer >= 0 "
                          f"(0 = decode in this process).")
+    scale = tuple(_get(config_data, "random_crop_scale") or ())
+    if scale and not (len(scale) == 2 and 0.0 < scale[0] <= scale[1] <= 1.0):
+        raise ValueError(f"config.data.random_crop_scale={scale!r} must be () (the ADM centre crop) or "
+                         f"(min, max) with 0 < min <= max <= 1: the crop side as a fraction of the short side.")
     for name in ("read_threads", "prefetch_buffer_size"):
         value = _get(config_data, name)
         if value is not None and (not isinstance(value, (int, np.integer)) or value < 0):
@@ -633,6 +696,7 @@ def create_dataset(
     drop_remainder: bool = True,
     shard_index: int | None = None,
     shard_count: int | None = None,
+    random_crops: bool | None = None,
 ) -> tuple[DataIterator, int]:
     """Builds the batch iterator for one split on this host.
 
@@ -644,6 +708,8 @@ def create_dataset(
       train: shuffle, repeat forever and flip; otherwise one epoch in order, no flip.
       drop_remainder: drop the last partial batch (only matters when ``train=False``).
       shard_index, shard_count: default ``jax.process_index()``, ``jax.process_count()``.
+      random_crops: apply ``config.data.random_crop_scale`` (default: when ``train``); the latent cache
+        asks for them on an ordered one-epoch pass, one pass per cached view.
 
     Returns:
       (iterator, num_examples): a DataIterator over dicts ``{"image": float32 (B,S,S,3)}`` (or
@@ -662,6 +728,8 @@ def create_dataset(
     source_name = _get(config_data, "source")
     strict = bool(_get(config_data, "strict"))
     image_size = int(_get(config_data, "image_size"))
+    random_crops = train if random_crops is None else random_crops
+    crop_scale = tuple(_get(config_data, "random_crop_scale") or ()) if random_crops else ()
 
     if source_name == "latents":
         paths = _latent_paths(config_data, split)
@@ -677,7 +745,8 @@ def create_dataset(
             raw, description = _ListSource(entries), f"folder {root}"
         else:
             raw, description = _tfds_source(config_data, split)
-        source = _DecodingSource(raw, image_size, strict)
+        source = _DecodingSource(raw, image_size, strict, center_crop=not crop_scale,
+                                 min_crop_scale=crop_scale[0] if crop_scale else 1.0)
         field = "image"
 
     num_records = len(source)
@@ -698,6 +767,8 @@ def create_dataset(
     )
     drop_filter = _DropFailed(field, max_consecutive=num_records, description=description)
     operations: list[Any] = [drop_filter]
+    if field == "image" and crop_scale:
+        operations.append(_RandomResizedCrop(image_size, crop_scale))
     if train and field == "image":
         operations.append(_RandomFlip())
     operations.append(grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder or train))

@@ -137,7 +137,7 @@ def train_step(run: build.Run, tx, state: TrainState, batch, frozen):
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:
-            d = run.config.ema_decay
+            d = ema_decay_at(run.config.ema_decay, state.step)
             ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
         return state.replace(params=params, opt_state=opt_state, ema_params=ema, vq=vq)
 
@@ -149,6 +149,15 @@ def train_step(run: build.Run, tx, state: TrainState, batch, frozen):
     metrics = {**aux, "grad_norm": grad_norm, "param_norm": _tree_norm(new_state.params),
                "learning_rate": learning_rate_schedule(run.config)(state.step), "nonfinite": 1.0 - finite}
     return new_state, metrics
+
+
+def ema_decay_at(decay: float, step):
+    """The weight EMA's decay at a step: min(decay, (1 + step) / (10 + step)) (TF's num_updates rule).
+
+    Without the warm-up an early EMA is mostly the initial weights (0.9999 keeps 97% of them after
+    300 steps), and an evaluation of it measures an untrained decoder.
+    """
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def compile_train_step(run: build.Run, tx, state, state_sh, frozen, batch):
@@ -248,11 +257,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             scalars.update(step_time_s=step_time, images_per_s=config.batch_size / step_time,
                            mfu=(flops / step_time / peak) if peak and flops else 0.0)
             writer.write_scalars(done, scalars)
-            logging.info("step %d/%d  loss %.4f (flow %.4f, commit %.2e)  usage %.3f  ppl %.1f  |g| %.3f  "
-                         "lr %.2e  %.1f img/s  MFU %.1f%%  input: %s", done, config.num_steps,
-                         scalars["loss"], scalars["flow_loss"], scalars["commit_loss"], scalars["codebook_usage"],
-                         scalars["codebook_perplexity"], scalars["grad_norm"], scalars["learning_rate"],
-                         scalars["images_per_s"], 100 * scalars["mfu"], train_iter.stats.summary())
+            log_step(done, config.num_steps, scalars, config.model.codebook_size, train_iter.stats.summary())
             t_last, steps_since = time.perf_counter(), 0
             if bad_in_a_row >= config.max_nonfinite_steps:
                 raise FloatingPointError(f"{bad_in_a_row} log steps in a row had a NaN/inf loss or gradient at step "
@@ -265,6 +270,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt.close()
     writer.flush()
     return metrics_json
+
+
+COLLAPSE_PERPLEXITY = 2.0   # codebook perplexity of a training batch below which the tokens have collapsed
+
+
+def log_step(done: int, num_steps: int, s: dict, codebook_size: int, input_summary: str) -> None:
+    """One console line a log step, and a loud warning when the tokens collapse onto a few codes."""
+    vocab = (f"  vocab H %.3f ppl %.0f I %.2f" % (s["vocab_entropy"], s["vocab_perplexity"], s["vocab_information"])
+             if "vocab_entropy" in s else "")
+    restarts = f"  restarted {int(s['restarted_codes'])}" if "restarted_codes" in s else ""
+    logging.info("step %d/%d  loss %.4f (flow %.4f, commit %.2e)  codes: usage %.3f ppl %.1f%s%s  |g| %.3f  "
+                 "lr %.2e  %.1f img/s  MFU %.1f%%  input: %s", done, num_steps, s["loss"], s["flow_loss"],
+                 s["commit_loss"], s["codebook_usage"], s["codebook_perplexity"], restarts, vocab, s["grad_norm"],
+                 s["learning_rate"], s["images_per_s"], 100 * s["mfu"], input_summary)
+    if s["codebook_perplexity"] < COLLAPSE_PERPLEXITY:
+        logging.warning("step %d: the tokens have COLLAPSED: codebook perplexity %.2f of %d codes, so the decoder "
+                        "cannot depend on them. Lower config.optim.base_lr, raise config.model.vocab_info_weight "
+                        "or set config.model.dead_code_threshold.", done, s["codebook_perplexity"], codebook_size)
 
 
 def _latest_metrics(workdir: str) -> dict:

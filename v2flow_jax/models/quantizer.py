@@ -54,15 +54,30 @@ def ema_update(codebook_state, unit_inputs, indices, decay, eps):
     return {"codebook": codebook, "cluster_size": cluster_size, "embed_sum": embed_sum}
 
 
-def restart_dead_codes(rng, state, unit_inputs, threshold):
-    """Codes whose EMA cluster size fell below `threshold` are moved onto random inputs of the batch."""
+def restart_dead_codes(rng, state, unit_inputs, threshold, noise):
+    """Codes whose EMA cluster size fell below `threshold` are moved onto live inputs of the batch.
+
+    Three choices keep a restart from undoing itself:
+      * inputs are drawn without replacement (a random permutation, wrapped when the batch has fewer
+        rows than the codebook has codes), so restarted codes start apart;
+      * each fresh code is its input plus gaussian noise of norm ~`noise` on the unit sphere, so even
+        identical inputs (a collapsed encoder) give distinct codes that can pull the encoder apart;
+      * a restarted code gets the codebook's mean cluster size, not the threshold: with the EMA decay
+        the threshold alone is lost after one step without hits, and the same codes restarted at every
+        step (232 of 256 in the demo before this rule).
+    """
     dead = state["cluster_size"] < threshold
-    picks = jax.random.randint(rng, dead.shape, 0, unit_inputs.shape[0])
-    fresh = unit_inputs[picks]
+    k, d = state["codebook"].shape
+    perm_rng, noise_rng = jax.random.split(rng)
+    n = unit_inputs.shape[0]
+    picks = jax.random.permutation(perm_rng, n)[jnp.arange(k) % n]
+    jitter = noise / jnp.sqrt(d) * jax.random.normal(noise_rng, (k, d), jnp.float32)
+    fresh = l2_normalize(unit_inputs[picks] + jitter)
+    grace = jnp.maximum(jnp.mean(state["cluster_size"]), threshold)
     return {
         "codebook": jnp.where(dead[:, None], fresh, state["codebook"]),
-        "embed_sum": jnp.where(dead[:, None], fresh * threshold, state["embed_sum"]),
-        "cluster_size": jnp.where(dead, threshold, state["cluster_size"]),
+        "embed_sum": jnp.where(dead[:, None], fresh * grace, state["embed_sum"]),
+        "cluster_size": jnp.where(dead, grace, state["cluster_size"]),
     }, dead.sum()
 
 
@@ -72,6 +87,21 @@ def usage_stats(indices, codebook_size: int):
     probs = counts / indices.size
     perplexity = jnp.exp(-jnp.sum(probs * jnp.log(probs + 1e-10)))
     return {"codebook_usage": jnp.mean(probs > 0), "codebook_perplexity": perplexity}
+
+
+def soft_assignment_information(sim, temperature: float):
+    """Mutual information between an input and its code under the soft assignment softmax(sim / T).
+
+    H(mean_i q_i) - mean_i H(q_i) over all inputs of the (global) batch: 0 when every input sits
+    equally near the same codes (the collapse), log(min(#inputs, K)) when each input is near one code
+    and the codes are used evenly. Unlike usage counts of the argmax it has a gradient, so a loss term
+    -w * information pushes the encoder's outputs apart onto distinct codes (the entropy penalty of
+    MAGVIT-v2 / LFQ, on cosine similarities here).
+    """
+    q = jax.nn.softmax(sim.reshape(-1, sim.shape[-1]) / temperature, axis=-1)
+    token = -jnp.mean(jnp.sum(q * jnp.log(q + 1e-12), axis=-1))
+    mean = jnp.mean(q, axis=0)
+    return -jnp.sum(mean * jnp.log(mean + 1e-12)) - token
 
 
 class CosineQuantizer(nn.Module):
@@ -84,6 +114,8 @@ class CosineQuantizer(nn.Module):
     decay: float = 0.8
     eps: float = 1e-5
     dead_code_threshold: float = 0.0   # 0 = no restart (the release)
+    restart_noise: float = 0.1          # norm of the jitter added to a restarted code (unit-sphere units)
+    info_temperature: float = 0.0       # > 0: aux['code_information'] from softmax(similarity / this)
 
     def setup(self):
         init = named(kaiming_uniform_unit_codes, ("codes", "llm_embed"))
@@ -102,28 +134,36 @@ class CosineQuantizer(nn.Module):
         """Token ids (any shape) -> unit code vectors (..., d)."""
         return jnp.take(self._codes(), indices, axis=0)
 
+    def similarities(self, x):
+        """(cosine similarity to every code (..., K), the normalised inputs)."""
+        unit = l2_normalize(x.astype(jnp.float32))
+        return jnp.einsum("...d,kd->...k", unit, self._codes()), unit
+
     def nearest(self, x):
         """Indices of the most cosine-similar codes, and the normalised inputs."""
-        unit = l2_normalize(x.astype(jnp.float32))
-        sim = jnp.einsum("...d,kd->...k", unit, self._codes())
+        sim, unit = self.similarities(x)
         return jnp.argmax(sim, axis=-1), unit
 
     def __call__(self, x, *, update: bool = False):
         x = x.astype(jnp.float32)
-        indices, unit = self.nearest(x)
+        sim, unit = self.similarities(x)
+        indices = jnp.argmax(sim, axis=-1)
         codes = self.lookup(indices)
         commit = jnp.mean((jax.lax.stop_gradient(codes) - unit) ** 2)
         quantized = rotate_to(x, codes)
         flat_unit = unit.reshape(-1, self.dim)
         flat_idx = indices.reshape(-1)
         aux = {"commit_loss": commit, **usage_stats(flat_idx, self.codebook_size)}
+        if self.info_temperature > 0:
+            aux["code_information"] = soft_assignment_information(sim, self.info_temperature)
         if update and self.is_mutable_collection("vq"):
             state = {"codebook": self._codes(), "cluster_size": nn.unbox(self.cluster_size.value),
                      "embed_sum": nn.unbox(self.embed_sum.value)}
             state = ema_update(state, jax.lax.stop_gradient(flat_unit), flat_idx, self.decay, self.eps)
             if self.dead_code_threshold > 0:
                 state, n_dead = restart_dead_codes(self.make_rng("sample"), state,
-                                                   jax.lax.stop_gradient(flat_unit), self.dead_code_threshold)
+                                                   jax.lax.stop_gradient(flat_unit), self.dead_code_threshold,
+                                                   self.restart_noise)
                 aux["restarted_codes"] = n_dead
             for name, var in (("codebook", self.codebook), ("cluster_size", self.cluster_size),
                               ("embed_sum", self.embed_sum)):

@@ -147,6 +147,31 @@ def gumbel_softmax(rng, logits, tau: float, noisy: bool):
     return jax.nn.softmax(logits / tau, axis=-1)
 
 
+def entropy(p, axis=-1):
+    return -jnp.sum(p * jnp.log(p + 1e-12), axis=axis)
+
+
+def vocabulary_statistics(logits, tau: float):
+    """How much the vocabulary choice says about the input, from the noise-free p = softmax(logits/tau).
+
+    token entropy     mean_i H(p_i): near 0 when every token commits to a few rows;
+    batch entropy     H(mean_i p_i) over all tokens of the (global) batch; exp of it is the vocabulary
+                      perplexity, the effective number of rows in use;
+    information       batch - token entropy: the mutual information between a token and the row it
+                      picks. 0 both for the uniform softmax of a fresh generator (Gumbel noise alone picks
+                      the row) and for one row winning everywhere (the collapse); log(#tokens) at most.
+
+    The per-image means (`vocab_image_probs` (B, N_l), `vocab_image_entropy` (B,)) let an evaluation
+    pool these over many batches; a training step never reads them, so XLA drops them there.
+    """
+    p = jax.nn.softmax(logits.astype(jnp.float32) / tau, axis=-1)
+    per_token = entropy(p)
+    token = jnp.mean(per_token)
+    batch = entropy(jnp.mean(p.reshape(-1, p.shape[-1]), axis=0))
+    return {"vocab_entropy": token, "vocab_perplexity": jnp.exp(batch), "vocab_information": batch - token,
+            "vocab_image_probs": jnp.mean(p, axis=1), "vocab_image_entropy": jnp.mean(per_token, axis=1)}
+
+
 class Resampler(nn.Module):
     """Latents -> token vectors: alpha @ L in the LLM space (vocabulary on) or a linear readout (off).
 
@@ -173,5 +198,4 @@ class Resampler(nn.Module):
         alpha = gumbel_softmax(rng, logits, self.tau, noisy)
         vectors = jnp.einsum("bnv,vd->bnd", alpha.astype(self.dtype), table.astype(self.dtype),
                              preferred_element_type=jnp.float32)
-        entropy = -jnp.sum(alpha * jnp.log(alpha + 1e-12), axis=-1).mean()
-        return vectors, {"vocab_entropy": entropy, "vocab_argmax": jnp.argmax(logits, axis=-1)}
+        return vectors, {**vocabulary_statistics(logits, self.tau), "vocab_argmax": jnp.argmax(logits, axis=-1)}

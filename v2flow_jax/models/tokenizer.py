@@ -27,6 +27,8 @@ from v2flow_jax.models.resampler import Resampler
 from v2flow_jax.models.velocity import VelocityMLP
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# encode() outputs that are not scalars: kept out of the training step's metrics.
+PER_TOKEN_OUTPUTS = ("indices", "codes", "vocab_argmax", "vocab_image_probs", "vocab_image_entropy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +50,20 @@ class TokenizerConfig(ConfigSection):
     generator_rank: int = 0
     gumbel_tau: float = 1.0
     noisy_encode: bool = False         # the release's Gumbel noise at inference
+    # Loss weight on the vocabulary information (resampler.vocabulary_statistics), subtracted from the
+    # loss: keeps the vocabulary choice input-dependent (not ours alone: MAGVIT-v2's entropy loss).
+    vocab_info_weight: float = 0.0
     # quantizer
     codebook_size: int = 16384
     vq_decay: float = 0.8
     vq_eps: float = 1e-5
     commit_weight: float = 1.0
     dead_code_threshold: float = 0.0
+    restart_noise: float = 0.1
+    # Loss weight on the codebook information (quantizer.soft_assignment_information), subtracted from
+    # the loss: keeps the encoder's outputs spread over the codes, vocabulary or not.
+    code_info_weight: float = 0.0
+    code_info_temperature: float = 0.05
     # masked transformer
     dropout: float = 0.1
     buffer_drop: float = 0.1           # per-sample probability of the dummy buffer (for guidance)
@@ -79,6 +89,11 @@ class TokenizerConfig(ConfigSection):
         need(self.gumbel_tau > 0, "gumbel_tau", "must be > 0")
         need(0.0 <= self.buffer_drop < 1.0, "buffer_drop", "must lie in [0, 1)")
         need(self.diffusion_batch_mul >= 1, "diffusion_batch_mul", "must be >= 1")
+        need(self.vocab_info_weight >= 0, "vocab_info_weight", "must be >= 0 (0 = the release's loss)")
+        need(self.dead_code_threshold >= 0, "dead_code_threshold", "must be >= 0 (0 = no restarts)")
+        need(self.restart_noise >= 0, "restart_noise", "must be >= 0")
+        need(self.code_info_weight >= 0, "code_info_weight", "must be >= 0 (0 = the release's loss)")
+        need(self.code_info_temperature > 0, "code_info_temperature", "must be > 0")
         width, _, heads = PRESETS[self.preset]
         need(width % heads == 0, "preset", "width must divide by heads")
 
@@ -115,7 +130,9 @@ class V2FlowTokenizer(nn.Module):
         if c.vocab_size:
             from v2flow_jax.models.vocabulary import FrozenVocabulary
             self.vocabulary = FrozenVocabulary(c.vocab_size, c.vocab_dim)
-        self.quantizer = CosineQuantizer(c.codebook_size, c.code_dim, c.vq_decay, c.vq_eps, c.dead_code_threshold)
+        self.quantizer = CosineQuantizer(c.codebook_size, c.code_dim, c.vq_decay, c.vq_eps, c.dead_code_threshold,
+                                         c.restart_noise,
+                                         c.code_info_temperature if c.code_info_weight else 0.0)
         self.projector = dense(width, ("llm_embed", "embed"), dtype=dt)
         self.mar = MaskedEncoderDecoder(c.num_patches, c.num_tokens, width, depth, heads, width, depth, heads,
                                         dropout=c.dropout, dtype=dt)
@@ -174,7 +191,11 @@ class V2FlowTokenizer(nn.Module):
 
         flow_loss = self.flow_loss(patches, z, mask)
         loss = flow_loss + c.commit_weight * enc["commit_loss"]
-        aux = {k: v for k, v in enc.items() if k not in ("indices", "codes", "vocab_argmax")}
+        if c.vocab_size and c.vocab_info_weight:
+            loss = loss - c.vocab_info_weight * enc["vocab_information"]
+        if c.code_info_weight:
+            loss = loss - c.code_info_weight * enc["code_information"]
+        aux = {k: v for k, v in enc.items() if k not in PER_TOKEN_OUTPUTS}
         aux.update(flow_loss=flow_loss, mask_ratio=num_masked / c.num_patches, loss=loss)
         return loss, aux
 

@@ -253,7 +253,8 @@ def _full_index(index, shape) -> tuple[slice, ...]:
     return tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
 
 
-def _validate(source: _Source, config_path: str, vocab_size: int, hidden_size: int, num_tokens):
+def _validate(source: _Source, config_path: str, vocab_size: int, hidden_size: int, num_tokens,
+              first_row: int = 0):
     if len(source.shape) != 2:
         raise VocabularyError(
             f"tensor {source.name!r} in {source.path!r} has shape {source.shape}; an embedding "
@@ -265,10 +266,14 @@ def _validate(source: _Source, config_path: str, vocab_size: int, hidden_size: i
     if num_tokens is not None and not 0 < num_tokens <= vocab_size:
         raise VocabularyError(
             f"num_tokens={num_tokens} must be in [1, vocab_size={vocab_size}] of {config_path!r}.")
+    if not 0 <= first_row <= vocab_size - (num_tokens or vocab_size):
+        raise VocabularyError(
+            f"first_row={first_row} with num_tokens={num_tokens} runs past vocab_size={vocab_size} of "
+            f"{config_path!r}: the rows [first_row, first_row + num_tokens) must exist.")
 
 
 def load_embedding_table(checkpoint_dir, *, tensor_name: str = DEFAULT_TENSOR, sharding=None,
-                         dtype=jnp.float32, num_tokens: int | None = None) -> jax.Array:
+                         dtype=jnp.float32, num_tokens: int | None = None, first_row: int = 0) -> jax.Array:
     """The LLM's input-embedding table (num_tokens or vocab_size, hidden_size) as a jax.Array.
 
     Args:
@@ -278,19 +283,22 @@ def load_embedding_table(checkpoint_dir, *, tensor_name: str = DEFAULT_TENSOR, s
       sharding: a jax.sharding.Sharding (e.g. `table_sharding(mesh, rules)`); each addressable
         device's block is then read from disk on its own. None: one array on the default device.
       dtype: the result's dtype (cast on the host, per block); None keeps the dtype on disk.
-      num_tokens: keep only the first rows (a vocabulary subset for small configs).
+      num_tokens: keep only num_tokens rows (a vocabulary subset for small configs) ...
+      first_row: ... starting at this row (e.g. past a tokenizer's special and unused rows).
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
     config_path = os.path.join(checkpoint_dir, CONFIG_NAME)
     vocab_size, hidden_size = _sizes_from_config(_read_config(checkpoint_dir), config_path)
     source = _find_tensor(checkpoint_dir, tensor_name)
-    _validate(source, config_path, vocab_size, hidden_size, num_tokens)
+    _validate(source, config_path, vocab_size, hidden_size, num_tokens, first_row)
 
     shape = (num_tokens or vocab_size, hidden_size)
     out_dtype = np.dtype(dtype) if dtype is not None else source.dtype
 
     def read_block(index):
-        return np.asarray(source.read(_full_index(index, shape))).astype(out_dtype, copy=False)
+        rows, *rest = _full_index(index, shape)
+        rows = slice(rows.start + first_row, rows.stop + first_row)
+        return np.asarray(source.read((rows, *rest))).astype(out_dtype, copy=False)
 
     if sharding is None:
         return jax.device_put(read_block(()))
@@ -307,6 +315,30 @@ def table_sharding(mesh, rules) -> jax.sharding.NamedSharding:
     """The NamedSharding the rules give a (vocab, llm_embed) table on this mesh."""
     from v2flow_jax.sharding import rules_for_mesh  # pylint: disable=g-import-not-at-top
     return nn.logical_to_mesh_sharding(P(*TABLE_AXES), mesh, rules_for_mesh(rules, mesh))
+
+
+def load_vocabulary_words(checkpoint_dir) -> list[str] | None:
+    """The token strings of a checkpoint's tokenizer, by row (tokenizer.json or vocab.txt); None if absent.
+
+    Only for showing which words visual tokens sit near; nothing is tokenized here.
+    """
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    tok_json = os.path.join(checkpoint_dir, "tokenizer.json")
+    if os.path.isfile(tok_json):
+        with open(tok_json, encoding="utf-8") as f:
+            vocab = json.load(f).get("model", {}).get("vocab")
+        if isinstance(vocab, dict):
+            words = [""] * (max(vocab.values()) + 1)
+            for word, row in vocab.items():
+                words[row] = word
+            return words
+        if isinstance(vocab, list):          # unigram: [[piece, score], ...]
+            return [v[0] if isinstance(v, list) else str(v) for v in vocab]
+    vocab_txt = os.path.join(checkpoint_dir, "vocab.txt")
+    if os.path.isfile(vocab_txt):
+        with open(vocab_txt, encoding="utf-8") as f:
+            return f.read().splitlines()
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
