@@ -32,6 +32,7 @@ def demo_cache_config(per_part=PER_PART, **overrides):
     c.mesh = [("data", -1)]
     c.batch_size = 8
     c.cache.images_per_part = per_part
+    c.data.demo_grayscale = True       # all 16 training photos: enough images for several parts
     for k, v in overrides.items():
         c[k] = v
     return c
@@ -214,7 +215,7 @@ def test_training_reads_the_cached_latents(uninterrupted):
     pattern = os.path.join(out_dir, "train-*.array_record")
     config = tiny_configs.tiny_config(**{
         "image_size": 64, "autoencoder.patch_size": 8, "model.latent_size": 8, "model.latent_channels": 192,
-        "data.source": "latents", "data.path": pattern, "data.image_size": 64})
+        "data.source": "latents", "data.path": pattern, "data.image_size": 64, "data.demo_grayscale": True})
     # The cache as training reads it: (B, 8, 8, 192) float32 latents, 2 records per image.
     it, n = input_pipeline.create_dataset(config.data, split="train", batch_size=8, seed=0, train=False)
     assert n == summary["records"]
