@@ -56,12 +56,6 @@ def decode_batch(run: build.Run, variables, indices, rng, cfg):
     return build.decode_latents(run, latents)
 
 
-def reconstruct_batch(run: build.Run, variables, data, rng):
-    """Pixels (or cached latents) -> tokens -> pixels with the configured sampler: (originals, recon, ids)."""
-    originals, enc = encode_batch(run, variables, data)
-    return originals, decode_batch(run, variables, enc["indices"], rng, run.sampler), enc["indices"]
-
-
 def _pad_to(x, rows):
     return np.concatenate([x, np.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)]) if x.shape[0] < rows else x
 
