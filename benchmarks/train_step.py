@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from v2flow_jax import build, config_defaults, host_memory, sharding, train
+from v2flow_jax import build, config_defaults, host_memory, sharding, train, train_state
 
 import release_figures  # benchmarks/release_figures.py (this directory is on sys.path when run as a script)
 
@@ -83,7 +83,7 @@ def measure(name: str, repeats: int, dtype: str, dropout: float, peak: float):
     config = bench_config(name, dtype, dropout)
     run = build.build_run(config)
     tx = train.make_optimizer(config)
-    state, frozen, state_sh = train.init_state(run, tx, 0)
+    state, frozen, state_sh = train_state.init_state(run, tx, 0)
     cfg = run.model.config
     if name == "tiny":
         batch = {"image": np.random.uniform(-1, 1, (config.batch_size, config.image_size, config.image_size, 3))

@@ -23,7 +23,7 @@ from PIL import Image
 
 import tiny_configs
 from tiny_configs import tiny_config
-from v2flow_jax import build, summary, train
+from v2flow_jax import build, summary, train, train_state
 from v2flow_jax.models import tokenizer as tokenizer_lib
 
 
@@ -244,7 +244,7 @@ def test_nonfinite_step_leaves_the_model_untouched():
     config = tiny_config(**{"optim.warmup_steps": 0})   # batch 8 over the 8 virtual devices; lr > 0 at once
     run = build.build_run(config)
     tx = train.make_optimizer(config)
-    state, frozen, state_sh = train.init_state(run, tx, 0)
+    state, frozen, state_sh = train_state.init_state(run, tx, 0)
     images = np.random.RandomState(0).uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)
     good = sharding.put_batch({"image": images}, run.mesh)
     poisoned = images.copy()
@@ -315,7 +315,7 @@ def test_parameter_table_adds_up(vocab):
 
     # An independent count of the variables the trainer creates.
     tx = train.make_optimizer(config)
-    (state, frozen) = nn.unbox(jax.eval_shape(lambda r: train.init_state_tree(run, tx, jax.random.split(r)), jax.random.key(0)))
+    (state, frozen) = nn.unbox(jax.eval_shape(lambda r: train_state.init_state_tree(run, tx, jax.random.split(r)), jax.random.key(0)))
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
     trained = sum(n for n, how in rows.values() if how == "trained")
     assert rows["**trained total**"][0] == trained == count(state.params)

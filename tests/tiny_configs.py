@@ -125,10 +125,10 @@ def shared_run(tmp_path_factory):
 def train_steps(config, devices, batches):
     """The real jitted train step (train.compile_train_step) on `devices`: per-step metrics, state, frozen."""
     import jax
-    from v2flow_jax import build, sharding, train
+    from v2flow_jax import build, sharding, train, train_state
     run = build.build_run(config, devices=devices)
     tx = train.make_optimizer(config)
-    state, frozen, state_sh = train.init_state(run, tx, config.seed)
+    state, frozen, state_sh = train_state.init_state(run, tx, config.seed)
     frozen = build.install_vocabulary(run, {"frozen": frozen})["frozen"]
     step_fn, _ = train.compile_train_step(run, tx, state, state_sh, frozen, sharding.put_batch(batches[0], run.mesh))
     metrics = []

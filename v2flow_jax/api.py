@@ -17,19 +17,55 @@ import functools
 import jax
 import ml_collections
 import numpy as np
-from flax import linen as nn
 
-from v2flow_jax import build, checkpointing, sampling, sharding, train
+from v2flow_jax import build, checkpointing, sampling, sharding, train_state
 from v2flow_jax.models import tokenizer as tokenizer_lib
 
 
-def _as_model_images(images):
+VALUE_RANGES = {(-1, 1), (0, 1), (0, 255)}
+
+
+def as_model_images(images, image_size: int, value_range=(-1, 1)) -> np.ndarray:
+    """The input contract of encode / reconstruct: float32 (B, S, S, 3) in [-1, 1], or an error saying why not.
+
+    Accepted: uint8 (0..255), or floats in `value_range` ((-1, 1) by default; (0, 1) and (0, 255) are
+    rescaled), with S = the config's image_size. Other integer dtypes, values outside the range, NaN or
+    inf pixels, grayscale or RGBA arrays and other sizes are refused with the fix in the message (resize
+    and centre-crop with `input_pipeline.adm_center_crop` on a PIL image). An empty batch (B = 0) is allowed.
+    """
     x = np.asarray(images)
-    if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 127.5 - 1.0
+    expected = f"(B, {image_size}, {image_size}, 3)"
     if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"images must be (B, H, W, 3) uint8 or floats in [-1, 1], got shape {x.shape}.")
-    return x.astype(np.float32)
+        hint = (" (grayscale: repeat it to 3 channels)" if x.ndim in (3, 4) and x.shape[-1] in (1, image_size)
+                else " (RGBA: drop or composite the alpha channel)" if x.ndim == 4 and x.shape[-1] == 4 else "")
+        raise ValueError(f"images must be {expected} RGB arrays, got shape {x.shape}{hint}.")
+    if x.shape[1:3] != (image_size, image_size):
+        raise ValueError(f"images are {x.shape[1]}x{x.shape[2]} but this tokenizer works at {image_size}x{image_size} "
+                         "(config.image_size): resize them first, e.g. with "
+                         f"v2flow_jax.input_pipeline.adm_center_crop(PIL.Image.open(path), {image_size}).")
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 127.5 - 1.0
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"images must be uint8 (0..255) or floating point, got {x.dtype}: convert with "
+                         f"np.clip(x, 0, 255).astype(np.uint8) if they are 8-bit values.")
+    if tuple(value_range) not in VALUE_RANGES:
+        raise ValueError(f"value_range must be one of {sorted(VALUE_RANGES)}, got {value_range}.")
+    x = x.astype(np.float32)
+    if x.size == 0:
+        return x
+    bad = ~np.isfinite(x)
+    if bad.any():
+        which = sorted(set(np.nonzero(bad)[0].tolist()))[:8]
+        raise ValueError(f"images {which} contain NaN or inf pixels ({int(bad.sum())} values): every pixel must be "
+                         "finite.")
+    lo, hi = value_range
+    tol = 1e-3 * (hi - lo)
+    if x.min() < lo - tol or x.max() > hi + tol:
+        guess = " (they look like 0..255 values: pass value_range=(0, 255) or uint8)" if x.max() > 2 else ""
+        raise ValueError(f"float images must lie in [{lo}, {hi}] (value_range), got [{x.min():.4g}, "
+                         f"{x.max():.4g}]{guess}.")
+    x = np.clip(x, lo, hi)
+    return (x - lo) * (2.0 / (hi - lo)) - 1.0
 
 
 class Tokenizer:
@@ -61,17 +97,15 @@ class Tokenizer:
         if config is None:
             config = ml_collections.ConfigDict(_read_config(ckpt, step))
         run = build.build_run(config, devices)
-        tx = train.make_optimizer(config)
-        state_shapes, _ = jax.eval_shape(lambda: train.init_state_tree(run, tx, train.init_rngs(config.seed)))
-        with sharding.use_mesh(run.mesh, run.rules):
-            shardings = sharding.logical_shardings(state_shapes, run.mesh, run.rules)
-        abstract = train.abstract_state(nn.unbox(state_shapes), nn.unbox(shardings))
-        state, _, _ = ckpt.restore(step, abstract_state=abstract, restore_data=False)
-        params = train.state_params(state, config) if use_ema else state.params
+        build.check_vocabulary(run)
+        abstract = train_state.abstract_inference_variables(run)
+        key = train_state.inference_params_key(config, use_ema)
+        restored = ckpt.restore_subtree(step, {key: abstract["params"], "vq": abstract["vq"]})
         # Only the frozen table is initialised here; params and codebook come from the checkpoint.
-        variables = {**_init_variables(run, frozen_only=True), "params": params, "vq": state.vq}
+        variables = {"frozen": train_state.init_frozen(run), "params": restored[key], "vq": restored["vq"]}
+        variables = build.install_vocabulary(run, variables)
         tok = cls(config, variables, run=run)
-        tok.step = int(state.step)
+        tok.step = int(step)
         return tok
 
     # ---------------------------------------------------------------------------------- pieces
@@ -84,8 +118,18 @@ class Tokenizer:
         recon, _ = sampling.reconstruct_latents(self.run.model, variables, latents, rng, cfg)
         return build.decode_latents(self.run, recon)
 
-    def _sharded(self, fn, x, *args):
+    @property
+    def num_tokens(self) -> int:
+        return self.run.model.config.num_tokens
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.config.image_size, self.config.image_size, 3)
+
+    def _sharded(self, fn, x, *args, out_tail=None, out_dtype=np.float32):
         n = x.shape[0]
+        if n == 0:   # an empty batch gives an empty result of the right trailing shape, with no compilation
+            return np.zeros((0, *out_tail), out_dtype)
         rows = -(-n // self._dp) * self._dp
         if rows != n:
             x = np.concatenate([x, np.repeat(x[-1:], rows - n, axis=0)])
@@ -97,50 +141,52 @@ class Tokenizer:
         return sampling.SamplerConfig.from_config({**vars(self.sampler), **overrides}) if overrides else self.sampler
 
     # ------------------------------------------------------------------------------------ API
-    def encode(self, images) -> np.ndarray:
-        """Images (B, H, W, 3) -> token ids int32 (B, n). Deterministic unless model.noisy_encode."""
-        return self._sharded(self._encode, _as_model_images(images))
+    def _images(self, images, value_range):
+        return as_model_images(images, self.config.image_size, value_range)
+
+    def encode(self, images, value_range=(-1, 1)) -> np.ndarray:
+        """Images (B, S, S, 3) -> token ids int32 (B, n); the input contract is `as_model_images`.
+        Deterministic unless model.noisy_encode."""
+        return self._sharded(self._encode, self._images(images, value_range), out_tail=(self.num_tokens,),
+                             out_dtype=np.int32)
 
     def encode_latents(self, latents) -> np.ndarray:
         """Unscaled autoencoder latents (B, h, w, C) -> token ids (B, n)."""
-        return self._sharded(self._encode_latents, np.asarray(latents, np.float32))
+        return self._sharded(self._encode_latents, np.asarray(latents, np.float32), out_tail=(self.num_tokens,),
+                             out_dtype=np.int32)
 
     def _check_ids(self, indices) -> np.ndarray:
         ids = np.asarray(indices)
         n, k = self.run.model.config.num_tokens, self.run.model.config.codebook_size
         if ids.ndim != 2 or ids.shape[1] != n or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"indices must be integer token ids of shape (B, {n}), got {ids.dtype} {ids.shape}.")
-        if ids.min() < 0 or ids.max() >= k:
+        if ids.size and (ids.min() < 0 or ids.max() >= k):
             raise ValueError(f"token ids must lie in [0, {k}), got [{ids.min()}, {ids.max()}].")
         return ids.astype(np.int32)
 
     def decode(self, indices, rng, **sampler_overrides) -> np.ndarray:
         """Token ids (B, n) (e.g. from an LLM) -> images in [-1, 1] (B, H, W, 3)."""
         fn = functools.partial(self._decode, cfg=self._sampler_cfg(sampler_overrides))
-        return self._sharded(fn, self._check_ids(indices), rng)
+        return self._sharded(fn, self._check_ids(indices), rng, out_tail=self.image_shape)
 
     def decode_to_latents(self, indices, rng, **sampler_overrides) -> np.ndarray:
         """Token ids -> scaled latents (B, h, w, C), without the autoencoder's decoder."""
         fn = functools.partial(self._decode, cfg=self._sampler_cfg(sampler_overrides), to_pixels=False)
-        return self._sharded(fn, self._check_ids(indices), rng)
+        mc = self.run.model.config
+        return self._sharded(fn, self._check_ids(indices), rng,
+                             out_tail=(mc.latent_size, mc.latent_size, mc.latent_channels))
 
-    def reconstruct(self, images, rng, **sampler_overrides) -> np.ndarray:
-        """Images -> tokens -> images, in [-1, 1]."""
+    def reconstruct(self, images, rng, value_range=(-1, 1), **sampler_overrides) -> np.ndarray:
+        """Images (the contract of `as_model_images`) -> tokens -> images in [-1, 1]."""
         fn = functools.partial(self._reconstruct, cfg=self._sampler_cfg(sampler_overrides))
-        return self._sharded(fn, _as_model_images(images), rng)
+        return self._sharded(fn, self._images(images, value_range), rng, out_tail=self.image_shape)
 
 
-def _init_variables(run: build.Run, frozen_only: bool = False):
-    """Variables created in their shardings (never whole on one device) with the vocabulary installed.
-
-    `frozen_only` keeps just the 'frozen' collection; XLA drops the unused parameter initialisers.
-    """
-    init_rng = train.init_rngs(run.config.seed)[0]
-
-    def init(r):
-        variables = tokenizer_lib.init_variables(run.model, r)
-        return {"frozen": variables.get("frozen", {})} if frozen_only else variables
-    variables, _ = sharding.sharded_init(init, run.mesh, run.rules, init_rng)
+def _init_variables(run: build.Run):
+    """Fresh variables created in their shardings (never whole on one device), vocabulary installed."""
+    init_rng = train_state.init_rngs(run.config.seed)[0]
+    variables, _ = sharding.sharded_init(lambda r: tokenizer_lib.init_variables(run.model, r), run.mesh,
+                                         run.rules, init_rng)
     return build.install_vocabulary(run, variables)
 
 

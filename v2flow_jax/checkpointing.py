@@ -29,11 +29,21 @@ from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 STATE, DATA, CONFIG = "state", "data", "config"
 CONFIG_FILENAME = "config.json"
+DAMAGED_DIR = "checkpoints_damaged"   # beside checkpoints/: steps that failed to restore, kept for inspection
 _MAX_LISTED = 20
+
+
+class CheckpointMismatchError(ValueError):
+    """A sound checkpoint that does not fit the state being restored (the config changed)."""
+
+
+class CheckpointDamagedError(RuntimeError):
+    """A checkpoint step whose files are missing, truncated or unreadable."""
 
 
 # ----------------------------------------------------------------------------------------- rng keys
@@ -295,8 +305,95 @@ class Checkpointer:
         config = restored[CONFIG] if CONFIG in items else None
         return restored[STATE], data_state, config
 
+    def restore_subtree(self, step: int, abstract_items: Mapping[str, Any]) -> dict:
+        """Only the named top-level entries of a step's state (e.g. {'ema_params': ..., 'vq': ...}),
+        read by orbax's partial restore: what inference needs, without building the optimizer state.
+
+        Each entry is an abstract tree like `restore`'s; its shapes are checked the same way.
+        """
+        self.wait()
+        step = int(step)
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"No complete checkpoint for step {step} under {self._directory}; "
+                                    f"complete steps: {self.all_steps()}.")
+        target = {k: jax.tree_util.tree_map_with_path(_as_abstract, v) for k, v in abstract_items.items()}
+        self.verify(step)
+        saved = ocp.tree.serialize_tree(self._manager.item_metadata(step)[STATE].tree, keep_empty_nodes=True)
+        missing = sorted(set(target) - set(saved))
+        if missing:
+            raise CheckpointMismatchError(f"Checkpoint step {step} in {self._directory} has no {missing} "
+                                          f"(it holds {sorted(saved)}).")
+        problems = describe_mismatch(_flat_shapes({k: saved[k] for k in target}), _flat_shapes(target))
+        if problems:
+            raise CheckpointMismatchError(f"Checkpoint step {step} in {self._directory} does not fit the model "
+                                          "being restored:\n" + "\n".join(problems) + "\nRestore with the config "
+                                          "that wrote it (saved in its config/ folder).")
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        with ocp.PyTreeCheckpointer() as reader:
+            return reader.restore(self.step_dir(step) / STATE, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True))
+
+    def restore_latest(self, *, abstract_state: Any, restore_data: bool = True):
+        """(step, state, data_state, config_dict) of the newest step that restores, or None if none does.
+
+        A damaged step (a missing metadata file, a truncated or zero-filled data file, an empty
+        folder) is reported, moved aside to `<workdir>/checkpoints_damaged/<step>` (never deleted)
+        and the next older step is tried. A sound step that does not fit `abstract_state`
+        (CheckpointMismatchError: the config changed) is not damage and is raised as it is.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                return (step, *self.restore(step, abstract_state=abstract_state, restore_data=restore_data))
+            except CheckpointMismatchError:
+                raise
+            except (CheckpointDamagedError, OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+                self._set_aside(step, f"{type(e).__name__}: {e}")
+        return None
+
+    def verify(self, step: int) -> None:
+        """Raises CheckpointDamagedError naming what is missing from a step's folder (no arrays are read)."""
+        step_dir = self.step_dir(step)
+        state_dir = step_dir / STATE
+        if not state_dir.exists():
+            present = sorted(p.name for p in step_dir.iterdir()) if step_dir.exists() else []
+            raise CheckpointDamagedError(f"step {step} has no {STATE}/ folder (it holds {present or 'nothing'}).")
+        for name in ("_METADATA", "manifest.ocdbt"):
+            if not (state_dir / name).exists():
+                raise CheckpointDamagedError(f"step {step} lacks {STATE}/{name}.")
+        try:
+            metadata = self._manager.item_metadata(step)
+            tree = metadata[STATE].tree if metadata is not None and metadata[STATE] is not None else None
+        except Exception as e:  # orbax raises many kinds on a half-written folder
+            raise CheckpointDamagedError(f"step {step}'s metadata cannot be read: {type(e).__name__}: {e}") from e
+        if tree is None:
+            raise CheckpointDamagedError(f"step {step}'s {STATE}/_METADATA holds no tree.")
+
+    def _set_aside(self, step: int, why: str) -> None:
+        """Moves a damaged step out of the listing (to checkpoints_damaged/), keeping every file."""
+        source = self.step_dir(step)
+        target_root = self._directory.parent / DAMAGED_DIR
+        target = target_root / str(step)
+        suffix = 1
+        while target.exists():
+            target, suffix = target_root / f"{step}.{suffix}", suffix + 1
+        logging.warning("Checkpoint step %d in %s is damaged (%s). Moving it aside to %s and trying the "
+                        "previous step.", step, self._directory, why, target)
+        if self._read_only:
+            raise CheckpointDamagedError(
+                f"checkpoint step {step} in {self._directory} is damaged ({why}); this reader is read-only, so it "
+                f"is not moved: restore an earlier step explicitly (complete steps: {self.all_steps()}).")
+        if jax.process_index() == 0:
+            target_root.mkdir(parents=True, exist_ok=True)
+            source.rename(target)
+            (target / "DAMAGED.txt").write_text(f"step {step} failed to restore: {why}\n")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+        self._manager.reload()
+
     def _check_shapes(self, step: int, abstract_state: Any) -> None:
-        """Raises a ValueError naming every leaf whose saved shape differs from the target's."""
+        """Raises a CheckpointMismatchError naming every leaf whose saved shape differs from the target's."""
+        self.verify(step)
         saved_tree = self._manager.item_metadata(step)[STATE].tree
         problems = describe_mismatch(_flat_shapes(saved_tree), _flat_shapes(abstract_state))
         if problems:
@@ -305,7 +402,7 @@ class Checkpointer:
                      "restore with the same settings" if config_path.exists() else
                      "(This checkpoint was saved without its config.) Restore with the settings "
                      "that wrote it")
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"Checkpoint step {step} in {self._directory} does not fit the state being "
                 "restored:\n" + "\n".join(problems) + "\n"
                 "The config most likely differs from the one that wrote this checkpoint (model "

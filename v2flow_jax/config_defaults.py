@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.ema_decay = 0.9999
     c.max_nonfinite_steps = 20    # consecutive skipped (NaN/inf) steps before the run stops
+    # On resume, restore the data iterator's position too. False: resume the model and restart the data
+    # stream (needed after the data, the seed or the batch changed: the saved position no longer applies).
+    c.restore_data_state = True
 
     # Bookkeeping.
     c.log_every = 100

@@ -132,6 +132,12 @@ class Evaluator:
         self.patch = cfg.image_size // math.isqrt(mc.num_tokens) if self.pixels else 1
         self._table, self._words, self._first_row = _diagnostic_vocabulary(run)
 
+    def check_data(self) -> None:
+        """Opens the evaluation split once (at start-up): a missing folder fails before training, not after."""
+        cfg = self.run_.config
+        input_pipeline.create_dataset(cfg.data, split="eval", batch_size=self.batch_size // jax.process_count(),
+                                      seed=cfg.seed, train=False, drop_remainder=False)
+
     def _batches(self):
         cfg = self.run_.config
         per_host = self.batch_size // jax.process_count()
@@ -151,7 +157,9 @@ class Evaluator:
             return np.asarray(self._psnr(originals, recon)), np.asarray(self._ssim(originals, recon))
         return np.mean((originals - recon) ** 2, axis=(1, 2, 3)), None
 
-    def run(self, params, vq, frozen, *, step: int, writer=None) -> dict:
+    def run(self, params, vq, frozen, *, step: int, writer=None, input_stats: dict | None = None) -> dict:
+        """Metrics at `step` (also written to metrics.json); `input_stats`: the training input's skipped /
+        converted file counts (input_pipeline.PipelineStats.as_dict), recorded beside them."""
         run, cfg = self.run_, self.run_.config
         t0 = time.perf_counter()
         variables = {"params": params, "vq": vq, "frozen": frozen}
@@ -212,6 +220,8 @@ class Evaluator:
             result["vocab_entropy"] = float(np.concatenate(vocab_entropy).mean())
         result.update(self._alignment(vq, np.flatnonzero(usage.counts), word_ids))
         result["eval_seconds"] = time.perf_counter() - t0
+        if input_stats is not None:
+            result["train_input"] = input_stats
         self._write(result, grid_rows[: cfg.eval.grid_images] if self.pixels else [], writer)
         self._log(result)
         return result

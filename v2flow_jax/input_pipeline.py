@@ -60,7 +60,7 @@ from absl import flags
 from absl import logging
 import grain
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 SOURCES = ("demo", "folder", "tfds", "latents")
 SPLITS = ("train", "eval")
@@ -81,6 +81,7 @@ CONVERT_REASONS = (
     "cmyk",  # CMYK converted to RGB by PIL
     "other_mode",  # any other PIL mode (YCbCr, LAB, HSV, RGBX ...) converted to RGB by PIL
     "upscaled",  # short side smaller than image_size: the bicubic resize enlarges it
+    "oriented",  # an EXIF orientation tag (a camera's rotated JPEG): the pixels turned upright
 )
 _REASONS = SKIP_REASONS + CONVERT_REASONS
 _REASON_INDEX = {r: i for i, r in enumerate(_REASONS)}
@@ -148,6 +149,10 @@ class PipelineStats:
             if n:
                 (self.skipped if reason in SKIP_REASONS else self.converted)[reason] += int(n)
 
+    def as_dict(self) -> dict:
+        """For metrics.json: examples delivered and files skipped / converted, per reason."""
+        return {"examples": int(self.examples), "skipped": dict(self.skipped), "converted": dict(self.converted)}
+
     def summary(self) -> str:
         return (f"{self.examples} examples; skipped {dict(self.skipped) or 'none'}; "
                 f"converted {dict(self.converted) or 'none'}")
@@ -209,6 +214,21 @@ def _composite_on_white(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(rgb).astype(np.uint8), "RGB")
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def _upright(img: Image.Image, notes: set[str]) -> Image.Image:
+    """Applies an EXIF orientation tag: cameras store rotated JPEGs and only tag which way is up."""
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a malformed EXIF block: keep the stored orientation rather than lose the image
+        return img
+    if orientation in (None, 1):
+        return img
+    notes.add("oriented")
+    return ImageOps.exif_transpose(img)
+
+
 def _to_rgb(img: Image.Image, key: str) -> tuple[Image.Image, set[str]]:
     """Decodes a lazily opened PIL image to mode RGB; returns it with the conversions applied."""
     notes = set()
@@ -223,6 +243,7 @@ def _to_rgb(img: Image.Image, key: str) -> tuple[Image.Image, set[str]]:
         raise BadImageError(reason, key, f"{type(e).__name__}: {e}") from e
     if min(img.size) == 0:
         raise BadImageError("corrupt", key, f"zero-sized image {img.size}")
+    img = _upright(img, notes)
 
     mode = img.mode
     if mode == "RGB":

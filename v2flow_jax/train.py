@@ -10,32 +10,19 @@ from __future__ import annotations
 import functools
 import re
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
 
-from v2flow_jax import build, checkpointing, evaluate, input_pipeline, sharding
-from v2flow_jax.models import tokenizer as tokenizer_lib
+from v2flow_jax import build, checkpointing, evaluate, input_pipeline, sharding, train_state
 
 # Dense peak FLOP/s per device for the utilisation figure (bf16 for accelerators; the CPU figure is
 # the f32 matmul rate measured on the project's 2-core development machine).
 PEAK_FLOPS = {"cpu": 200e9, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
               "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    ema_params: Any      # None when config.ema_decay == 0
-    vq: Any              # codebook + EMA statistics (collection 'vq'), updated by the EMA rule
-    rng: jax.Array       # uint32 key data (checkpointable)
 
 
 # ------------------------------------------------------------------------------------ optimizer
@@ -74,36 +61,6 @@ def make_optimizer(config) -> optax.GradientTransformation:
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-# ----------------------------------------------------------------------------------------- state
-def init_rngs(seed: int):
-    """(model-init rng, train-state rng) of a run. The API draws the same init rng, so a random placeholder
-    vocabulary (vocabulary.checkpoint='') is the very table the run trained with."""
-    return jax.random.split(jax.random.key(seed))
-
-
-def init_state_tree(run: build.Run, tx, rngs):
-    """(TrainState, frozen variables) with LogicallyPartitioned boxes; pure, for eval_shape and jit."""
-    init_rng, state_rng = rngs[0], rngs[1]
-    variables = tokenizer_lib.init_variables(run.model, init_rng)
-    params = variables["params"]
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                       ema_params=params if run.config.ema_decay > 0 else None, vq=variables["vq"],
-                       rng=jax.random.key_data(state_rng))
-    return state, variables.get("frozen", {})
-
-
-def init_state(run: build.Run, tx, seed: int):
-    """Returns (state, frozen_variables, state_shardings), all created in their shardings."""
-    rngs = init_rngs(seed)
-    (state, frozen), (state_sh, _) = sharding.sharded_init(lambda: init_state_tree(run, tx, rngs), run.mesh,
-                                                           run.rules)
-    return state, frozen, state_sh
-
-
-def abstract_state(state, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-
-
 # ------------------------------------------------------------------------------------- the step
 def batch_latents(run: build.Run, batch):
     if "latent" in batch:
@@ -115,7 +72,7 @@ def _tree_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def train_step(run: build.Run, tx, state: TrainState, batch, frozen):
+def train_step(run: build.Run, tx, state: train_state.TrainState, batch, frozen):
     """One optimizer step. Pure: (state, batch, frozen) -> (new state, metrics)."""
     model = run.model
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -200,28 +157,102 @@ def _host_batch(it):
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains for config.num_steps (resuming from workdir), evaluating and checkpointing on the way.
 
-    Returns the last evaluation's metrics.
+    Everything that can be checked from the config, the files and the shapes is checked before the
+    state is allocated; each checkpoint is written before the evaluation at the same step; the
+    checkpointer is closed on every path, so an error is the last thing printed. Returns the last
+    evaluation's metrics.
     """
-    from clu import metric_writers
-
-    run = build.build_run(config)
+    run = build.build_run(config)           # validates every section of the config
+    build.check_vocabulary(run)             # the table's file and shape, before any allocation
     tx = make_optimizer(config)
-    state, frozen, state_sh = init_state(run, tx, config.seed)
-    frozen = build.install_vocabulary(run, {"frozen": frozen})["frozen"]
-    ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
-                                      save_interval_steps=config.checkpoint_every)
     per_host_batch = config.batch_size // jax.process_count()
     train_iter, num_train = input_pipeline.create_dataset(config.data, split="train", batch_size=per_host_batch,
                                                           seed=config.seed, train=True)
-    start = ckpt.latest_step()
-    if start is not None:
-        state, data_state, _ = ckpt.restore(start, abstract_state=abstract_state(state, state_sh))
-        if data_state is not None:
+    evaluator = evaluate.Evaluator(run, workdir)
+    evaluator.check_data()
+    abstract, state_sh = train_state.abstract_train_state(run, tx, config.seed)
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                      save_interval_steps=config.checkpoint_every)
+    try:
+        result = _train(run, tx, ckpt, train_iter, num_train, evaluator, abstract, state_sh, workdir)
+    except BaseException:   # Ctrl-C included: close, then let the real error be the last thing printed
+        _close_quietly(ckpt)
+        raise
+    ckpt.close()
+    return result
+
+
+def _close_quietly(ckpt) -> None:
+    """Closes the checkpointer on an error path: its own shutdown errors must not hide the real one."""
+    try:
+        ckpt.close()
+    except Exception as e:  # e.g. a full disk fails the pending write too
+        logging.warning("Closing the checkpointer after the error below also failed: %s: %s", type(e).__name__, e)
+
+
+def _restore(ckpt, config, abstract, train_iter):
+    """The newest intact checkpoint as (state, step), or (None, 0); restores the iterator state too."""
+    restored = ckpt.restore_latest(abstract_state=abstract, restore_data=config.restore_data_state)
+    if restored is None:
+        return None, 0
+    step, state, data_state, saved_config = restored
+    warn_config_changes(saved_config, config)
+    if data_state is not None:
+        try:
             train_iter.set_state(data_state)
-        logging.info("Resumed from %s at step %d.", ckpt.directory, start)
+        except ValueError as e:
+            raise ValueError(
+                f"Checkpoint step {step} in {ckpt.directory} holds a data-iterator position that does not fit the "
+                f"current data: {describe_data_change(saved_config, config)} ({e}). To resume the model and restart "
+                "the data stream from its beginning, add --config.restore_data_state=False.") from e
+    elif not config.restore_data_state:
+        logging.info("config.restore_data_state=False: the data stream restarts from its beginning.")
+    logging.info("Resumed from %s at step %d.", ckpt.directory, step)
+    return state, step
+
+
+# Settings that may change on resume without changing any shape: a change is allowed, and said.
+RESUME_SENSITIVE = ("batch_size", "num_steps", "ema_decay", "seed", "optim.base_lr", "optim.warmup_steps",
+                    "optim.schedule", "optim.weight_decay", "optim.grad_clip", "optim.b1", "optim.b2",
+                    "optim.min_lr_ratio", "optim.frozen_params")
+
+
+def config_changes(saved: dict | None, config, keys=RESUME_SENSITIVE) -> list[str]:
+    """'key: saved -> now' for each of `keys` whose value differs from the checkpoint's config."""
+    if not saved:
+        return []
+    now = flatten_config(config)
+    then = flatten_config(saved)
+    return [f"{k}: {then[k]!r} -> {now[k]!r}" for k in keys if k in then and k in now and then[k] != now[k]]
+
+
+def warn_config_changes(saved: dict | None, config) -> None:
+    changes = config_changes(saved, config)
+    if changes:
+        logging.warning("Resuming with settings that differ from the checkpoint's (training continues with the new "
+                        "ones): %s", "; ".join(changes))
+
+
+def describe_data_change(saved: dict | None, config) -> str:
+    keys = ["seed", "batch_size"] + [f"data.{k}" for k in config.data.keys()]
+    changes = config_changes(saved, config, keys)
+    if changes:
+        return "changed since the checkpoint: " + "; ".join(changes)
+    return ("the data settings are unchanged, so the data itself changed (files added to or removed from the "
+            "folder, another dataset version)")
+
+
+def _train(run, tx, ckpt, train_iter, num_train, evaluator, abstract, state_sh, workdir) -> dict:
+    from clu import metric_writers
+    config = run.config
+    state, start = _restore(ckpt, config, abstract, train_iter)
+    if state is None:
+        state, frozen, _ = train_state.init_state(run, tx, config.seed)
+    else:
+        frozen = train_state.init_frozen(run)
+    frozen = build.install_vocabulary(run, {"frozen": frozen})["frozen"]
     start = int(state.step)
     if start >= config.num_steps:
-        ckpt.close()
         logging.info("The run in %s already finished at step %d (config.num_steps=%d): nothing to do. Raise "
                      "--config.num_steps to train further; its evaluations are in metrics.json.", workdir, start,
                      config.num_steps)
@@ -230,10 +261,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start == 0:
         writer.write_hparams({k: v for k, v in flatten_config(config).items()})
-    evaluator = evaluate.Evaluator(run, workdir)
     metrics_json = {}
+    evaluate_at = lambda step: evaluator.run(train_state.state_params(state, config), state.vq, frozen, step=step,
+                                             writer=writer, input_stats=train_iter.stats.as_dict())
     if start == 0 and config.eval.at_start:
-        metrics_json = evaluator.run(state_params(state, config), state.vq, frozen, step=0, writer=writer)
+        metrics_json = evaluate_at(0)
 
     batch = sharding.put_batch(_host_batch(train_iter), run.mesh)
     step_fn, flops = compile_train_step(run, tx, state, state_sh, frozen, batch)
@@ -262,12 +294,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if bad_in_a_row >= config.max_nonfinite_steps:
                 raise FloatingPointError(f"{bad_in_a_row} log steps in a row had a NaN/inf loss or gradient at step "
                                          f"{done}; lower config.optim.base_lr or use model.dtype='float32'.")
-        if done % config.eval_every == 0 or done == config.num_steps:
-            metrics_json = evaluator.run(state_params(state, config), state.vq, frozen, step=done, writer=writer)
         last = done == config.num_steps
         if last or ckpt.due(done):  # the iterator state is serialised only when a checkpoint is written
             ckpt.save(done, state, data_state=train_iter.get_state(), config=config, force=last)
-    ckpt.close()
+        if done % config.eval_every == 0 or last:   # after the save: a failing evaluation loses nothing
+            metrics_json = evaluate_at(done)
     writer.flush()
     return metrics_json
 
@@ -298,10 +329,6 @@ def _latest_metrics(workdir: str) -> dict:
         return {}
     with open(path) as f:
         return json.load(f).get("latest", {})
-
-
-def state_params(state: TrainState, config):
-    return state.ema_params if (config.eval.use_ema and state.ema_params is not None) else state.params
 
 
 def flatten_config(config, prefix="") -> dict:

@@ -8,9 +8,11 @@ one conditioning vector z per patch.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from v2flow_jax.models.layers import TransformerBlock, dense, layer_norm, named
@@ -28,6 +30,17 @@ PRESETS = {
 }
 
 
+def patch_to_token(num_patches: int, num_tokens: int) -> np.ndarray:
+    """(L,) index of the token whose cell covers each patch, both grids square and raster-ordered."""
+    side, token_side = math.isqrt(num_patches), math.isqrt(num_tokens)
+    if side * side != num_patches or token_side * token_side != num_tokens or side % token_side:
+        raise ValueError(f"token_skip needs square grids with the token grid dividing the patch grid; got "
+                         f"{num_patches} patches and {num_tokens} tokens.")
+    pool = side // token_side
+    rows, cols = np.divmod(np.arange(num_patches), side)
+    return (rows // pool) * token_side + cols // pool
+
+
 def _param(module, name, shape, names):
     return module.param(name, named(pos_init, names), shape)
 
@@ -43,6 +56,10 @@ class MaskedEncoderDecoder(nn.Module):
     dec_heads: int
     dropout: float = 0.1
     eps: float = 1e-6
+    # Add each token's decoder row to the patch rows it covers (token grid = patch grid / pool): a
+    # direct path from a token to its own patches, which attention over the prefix otherwise has to
+    # learn from position embeddings alone. Off = the release's decoder.
+    token_skip: bool = False
     dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -94,6 +111,8 @@ class MaskedEncoderDecoder(nn.Module):
         grid = jnp.broadcast_to(mask_token, (b, L, d))
         # Window indices are distinct within a sample (a slice of a permutation): a plain scatter.
         grid = grid.at[jnp.arange(b)[:, None], visible_idx].set(rows)
+        if self.token_skip:
+            grid = grid + jnp.take(y[:, :n], patch_to_token(L, n), axis=1)
         x = jnp.concatenate([y[:, :n], grid], axis=1) + self.dec_pos
         for block in self.decoder_blocks[:-1]:
             x = block(x, train=train)

@@ -66,6 +66,8 @@ class TokenizerConfig(ConfigSection):
     code_info_temperature: float = 0.05
     # masked transformer
     dropout: float = 0.1
+    # A direct path from each token to the patches it covers in the decoder (mar.MaskedEncoderDecoder).
+    token_skip: bool = False
     buffer_drop: float = 0.1           # per-sample probability of the dummy buffer (for guidance)
     mask_ratio_min: float = 0.7
     mask_ratio_mean: float = 1.0
@@ -135,7 +137,7 @@ class V2FlowTokenizer(nn.Module):
                                          c.code_info_temperature if c.code_info_weight else 0.0)
         self.projector = dense(width, ("llm_embed", "embed"), dtype=dt)
         self.mar = MaskedEncoderDecoder(c.num_patches, c.num_tokens, width, depth, heads, width, depth, heads,
-                                        dropout=c.dropout, dtype=dt)
+                                        dropout=c.dropout, token_skip=c.token_skip, dtype=dt)
         self.velocity_mlp = VelocityMLP(c.latent_channels, c.velocity_width, c.velocity_depth, dtype=dt)
 
     # ---- encoding -------------------------------------------------------------------------------

@@ -272,6 +272,17 @@ def _validate(source: _Source, config_path: str, vocab_size: int, hidden_size: i
             f"{config_path!r}: the rows [first_row, first_row + num_tokens) must exist.")
 
 
+def check_embedding_table(checkpoint_dir, *, tensor_name: str = DEFAULT_TENSOR, num_tokens: int | None = None,
+                          first_row: int = 0) -> tuple[int, int]:
+    """The (rows, width) `load_embedding_table` would return, from config.json and the tensor's header
+    alone (no weights are read from safetensors files); raises VocabularyError as it would."""
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    config_path = os.path.join(checkpoint_dir, CONFIG_NAME)
+    vocab_size, hidden_size = _sizes_from_config(_read_config(checkpoint_dir), config_path)
+    _validate(_find_tensor(checkpoint_dir, tensor_name), config_path, vocab_size, hidden_size, num_tokens, first_row)
+    return (num_tokens or vocab_size), hidden_size
+
+
 def load_embedding_table(checkpoint_dir, *, tensor_name: str = DEFAULT_TENSOR, sharding=None,
                          dtype=jnp.float32, num_tokens: int | None = None, first_row: int = 0) -> jax.Array:
     """The LLM's input-embedding table (num_tokens or vocab_size, hidden_size) as a jax.Array.
