@@ -36,6 +36,8 @@ import time
 import jax
 
 from v2flow_jax import sampling
+from v2flow_jax import host_memory
+host_memory.apply_default()   # as main does: before the first computation
 from v2flow_jax.models.tokenizer import TokenizerConfig, build_tokenizer, count_parameters, init_variables
 
 import release_figures  # benchmarks/release_figures.py (this directory is on sys.path when run as a script)

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from v2flow_jax import build, config_defaults, host_memory, sharding, train, train_state
+host_memory.apply_default()   # as main does: before the first computation
 
 import release_figures  # benchmarks/release_figures.py (this directory is on sys.path when run as a script)
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import tiny_configs
-from v2flow_jax.api import Tokenizer
+from v2flow_jax.api import Tokenizer, as_model_images
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,34 @@ def test_from_workdir_loads_the_last_checkpoint(tok):
     assert cfg.vocab_size == 64 and cfg.num_tokens == 64 and cfg.codebook_size == 64
     # 8 virtual devices, mesh [("data", -1), ...] from the saved config.
     assert tok.run.mesh.shape["data"] == 8
+
+
+def test_from_workdir_reads_only_what_inference_needs(workdir, monkeypatch):
+    """No optimizer is built and orbax reads only the EMA weights and the VQ state, not the optimizer's
+    moments (twice the weights) or the live params."""
+    import optax
+    from v2flow_jax import checkpointing, train
+    for name in ("adamw", "adam", "chain"):
+        monkeypatch.setattr(optax, name, lambda *a, **k: pytest.fail("an optimizer was built"))
+    monkeypatch.setattr(train, "make_optimizer", lambda *a, **k: pytest.fail("the trainer was asked"))
+    asked = []
+    real = checkpointing.Checkpointer.restore_subtree
+
+    def recording(self, step, items):
+        asked.append(sorted(items))
+        return real(self, step, items)
+    monkeypatch.setattr(checkpointing.Checkpointer, "restore_subtree", recording)
+    loaded = Tokenizer.from_workdir(str(workdir))
+    assert asked == [["ema_params", "vq"]]
+    assert set(loaded.variables) == {"frozen", "params", "vq"}
+    saved = jax.tree.leaves(_load_ema(workdir, loaded.step))
+    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(loaded.variables["params"])[0]), saved[0])
+
+
+def _load_ema(workdir, step):
+    import orbax.checkpoint as ocp
+    state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+    return state["ema_params"]
 
 
 def test_encode_is_int32_and_deterministic(tok, images):
@@ -91,11 +119,50 @@ def test_decode_rejects_bad_ids(tok, bad):
         tok.decode(bad, jax.random.key(0))
 
 
+@pytest.mark.parametrize("bad, match", [
+    (np.zeros((2, 32, 32), np.uint8), "grayscale"),
+    (np.zeros((2, 32, 32, 4), np.uint8), "RGBA"),
+    (np.zeros((2, 48, 48, 3), np.uint8), "adm_center_crop"),            # another size: resize it first
+    (np.zeros((2, 32, 32, 3), np.int64), "uint8"),                       # integers that are not bytes
+    (np.full((2, 32, 32, 3), 200.0, np.float32), "value_range=\\(0, 255\\)"),  # 0..255 passed as floats
+    (np.full((2, 32, 32, 3), -1.5, np.float32), "must lie in"),
+    (np.where(np.arange(3)[:, None, None, None] == 1, np.nan, 0.0) * np.ones((3, 32, 32, 3)), "\\[1\\]"),
+])
+def test_input_contract_refuses_with_the_fix(bad, match):
+    with pytest.raises(ValueError, match=match):
+        as_model_images(bad, 32)
+
+
+def test_input_contract_value_ranges_agree():
+    """The same picture as uint8, as floats in (0, 255), (0, 1) and (-1, 1) reaches the model identically."""
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    want = u8.astype(np.float32) / 127.5 - 1.0
+    np.testing.assert_allclose(as_model_images(u8, 32), want, atol=1e-6)
+    np.testing.assert_allclose(as_model_images(u8.astype(np.float64), 32, (0, 255)), want, atol=1e-6)
+    np.testing.assert_allclose(as_model_images(u8 / 255.0, 32, (0, 1)), want, atol=1e-6)
+    np.testing.assert_allclose(as_model_images(want, 32), want, atol=1e-6)
+    with pytest.raises(ValueError, match="value_range"):
+        as_model_images(want, 32, (0, 2))
+
+
 def test_encode_rejects_bad_images(tok):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="grayscale"):
         tok.encode(np.zeros((2, 32, 32), np.uint8))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="RGBA"):
         tok.encode(np.zeros((2, 32, 32, 4), np.uint8))
+
+
+def test_empty_batches_give_empty_results(tok):
+    n = tok.num_tokens
+    assert tok.encode(np.zeros((0, 32, 32, 3), np.uint8)).shape == (0, n)
+    assert tok.decode(np.zeros((0, n), np.int32), jax.random.key(0)).shape == (0, *tok.image_shape)
+    assert tok.reconstruct(np.zeros((0, 32, 32, 3), np.float32), jax.random.key(0)).shape == (0, *tok.image_shape)
+
+
+def test_value_range_reaches_the_model(tok, images):
+    """encode(uint8) and encode(floats in (0, 1), value_range=(0, 1)) are the same tokens."""
+    np.testing.assert_array_equal(tok.encode(images), tok.encode(images / 255.0, value_range=(0, 1)))
 
 
 @pytest.fixture(scope="module")

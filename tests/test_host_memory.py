@@ -15,8 +15,12 @@ from v2flow_jax import host_memory
 
 PROBE = r"""
 import ctypes, json, resource, threading
-import v2flow_jax                      # applies host_memory.apply_default()
+import sys
+import v2flow_jax
 from v2flow_jax import host_memory
+assert host_memory._state["applied"] is None      # importing the package changes nothing
+if sys.argv[1] == "apply":
+    host_memory.apply_default()                   # what main does first
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -39,9 +43,9 @@ print(json.dumps({"applied": host_memory._state["applied"], "faults": faults}))
 """
 
 
-def _probe(switch: str) -> dict:
+def _probe(switch: str, apply: bool = True) -> dict:
     env = dict(os.environ, **{host_memory.ENV_SWITCH: switch, "JAX_PLATFORMS": "cpu"})
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", PROBE, "apply" if apply else "import-only"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -50,7 +54,9 @@ def test_retained_memory_removes_page_faults():
     pages = 256 * 2**20 / os.sysconf("SC_PAGE_SIZE")
     default = _probe("0")
     retained = _probe("auto")                # CPU-only install: auto turns it on
-    assert default["applied"] is None and retained["applied"] is True
+    imported = _probe("auto", apply=False)   # only imported: untouched
+    assert default["applied"] is None and retained["applied"] is True and imported["applied"] is None
+    assert min(imported["faults"]) > 0.9 * pages, imported
     # Every allocation of the block faults all its pages in again by default ...
     assert min(default["faults"]) > 0.9 * pages, default
     # ... and only the first one does once freed memory is kept.

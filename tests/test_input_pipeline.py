@@ -134,6 +134,27 @@ def test_load_image_conversions(messy_folder, tmp_path):
     assert err.value.reason == "unsupported"
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+@pytest.mark.parametrize("orientation, corner", [(1, (0, 0)), (3, (-1, -1)), (6, (0, -1)), (8, (-1, 0))])
+def test_exif_orientation_is_applied(tmp_path, suffix, orientation, corner):
+    """A camera stores the sensor's pixels and tags which way is up: the loader must turn them upright.
+    A 20x30 landscape with a white top-left block; tag 6 (display rotated 90 degrees clockwise) must give
+    a 30x20 portrait with the block top-right, tag 3 bottom-right, tag 8 bottom-left, tag 1 untouched."""
+    arr = np.zeros((20, 30, 3), np.uint8)
+    arr[:6, :6] = 255
+    exif = Image.Exif()
+    exif[ip.EXIF_ORIENTATION] = orientation
+    path = tmp_path / f"photo{suffix}"
+    Image.fromarray(arr).save(path, exif=exif, **({"quality": 95} if suffix == ".jpg" else {}))
+    out, notes = ip.load_image(path)
+    assert out.shape == ((30, 20, 3) if orientation in (6, 8) else (20, 30, 3))
+    assert notes == (() if orientation == 1 else ("oriented",))
+    rows = slice(0, 4) if corner[0] == 0 else slice(-4, None)
+    cols = slice(0, 4) if corner[1] == 0 else slice(-4, None)
+    assert out[rows, cols].mean() > 240 and out.mean() < 60   # the block is there, and only there
+    assert "oriented" in ip.CONVERT_REASONS
+
+
 # ---------------------------------------------------------------------------------------------- demo
 
 

@@ -21,15 +21,16 @@ from v2flow_jax.models.mar import MaskedEncoderDecoder
 N, L, C, WIDTH, HEADS, DEPTH, B = 6, 9, 5, 32, 4, 2, 3
 
 
-def build():
-    return MaskedEncoderDecoder(num_patches=L, buffer_size=N, enc_width=WIDTH, enc_depth=DEPTH, enc_heads=HEADS,
-                                dec_width=WIDTH, dec_depth=DEPTH, dec_heads=HEADS, dropout=0.1)
+def build(n=N, l=L, token_skip=False):
+    return MaskedEncoderDecoder(num_patches=l, buffer_size=n, enc_width=WIDTH, enc_depth=DEPTH, enc_heads=HEADS,
+                                dec_width=WIDTH, dec_depth=DEPTH, dec_heads=HEADS, dropout=0.1, token_skip=token_skip)
 
 
 def random_params(model, seed=0):
     """Every parameter a well-scaled random draw (layer norms away from the identity too)."""
     rng = np.random.default_rng(seed)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs()))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(n=model.buffer_size,
+                                                                                     l=model.num_patches)))
     flat = flax.traverse_util.flatten_dict(flax.linen.unbox(abstract)["params"])
     out = {}
     for k, s in flat.items():
@@ -42,12 +43,12 @@ def random_params(model, seed=0):
     return {"params": flax.traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in out.items()})}
 
 
-def example_inputs(seed=1, visible=4):
+def example_inputs(seed=1, visible=4, n=N, l=L):
     rng = np.random.default_rng(seed)
-    buffer = rng.standard_normal((B, N, WIDTH)).astype(np.float32)
-    patches = rng.standard_normal((B, L, C)).astype(np.float32)
-    orders = np.stack([rng.permutation(L) for _ in range(B)]).astype(np.int32)
-    vis_idx = orders[:, L - visible:]
+    buffer = rng.standard_normal((B, n, WIDTH)).astype(np.float32)
+    patches = rng.standard_normal((B, l, C)).astype(np.float32)
+    orders = np.stack([rng.permutation(l) for _ in range(B)]).astype(np.int32)
+    vis_idx = orders[:, l - visible:]
     vis_valid = np.ones((B, visible), bool)
     vis_valid[1, :2] = False                         # sample 1: the first two window rows are padding
     drop = np.array([False, True, False])            # sample 1 gets the dummy buffer
@@ -80,8 +81,11 @@ def ln(p, x):
     return F.layer_norm(x, (x.shape[-1],), t(p["scale"]), t(p["bias"]), eps=1e-6)
 
 
-def reference(params, buffer, patches, vis_idx, vis_valid, drop):
+def reference(params, buffer, patches, vis_idx, vis_valid, drop, token_of_patch=None):
+    """token_of_patch: (L,) token index per patch for the token_skip path (each token's decoder row added
+    to the patch rows it covers), or None without it."""
     p = params["params"]
+    N, L = buffer.shape[1], patches.shape[1]
     vis_idx_t, valid_t = torch.as_tensor(vis_idx, dtype=torch.long), torch.as_tensor(vis_valid)
     buf = torch.where(torch.as_tensor(drop)[:, None, None], t(p["fake_latent"]), t(buffer))
     seen = torch.stack([t(patches)[i, vis_idx_t[i]] for i in range(B)])
@@ -98,6 +102,8 @@ def reference(params, buffer, patches, vis_idx, vis_valid, drop):
         for j in range(vis_idx.shape[1]):
             if vis_valid[i, j]:
                 grid[i, vis_idx[i, j]] = y[i, N + j]
+    if token_of_patch is not None:
+        grid = grid + y[:, torch.as_tensor(token_of_patch, dtype=torch.long)]
     x = torch.cat([y[:, :N], grid], 1) + t(p["decoder_pos_embed"])
     for i in range(DEPTH):
         x = ref_block(p[f"decoder_blocks_{i}"], x, None)
@@ -150,3 +156,32 @@ def test_dropout_is_live_in_training_and_off_otherwise(setup):
     a, b, c = (np.asarray(train(params, s, *inputs)) for s in (0, 0, 1))
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 1e-2 and np.abs(a - want).max() > 1e-2
+
+
+# ------------------------------------------------------------------------------------ token_skip
+
+
+def test_patch_to_token_known_maps_and_errors():
+    from v2flow_jax.models.mar import patch_to_token
+    # 4x4 patches under 2x2 tokens: each token covers a 2x2 block, raster order on both grids
+    np.testing.assert_array_equal(patch_to_token(16, 4), [0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3])
+    np.testing.assert_array_equal(patch_to_token(9, 9), np.arange(9))       # one token per patch
+    np.testing.assert_array_equal(patch_to_token(4, 1), [0, 0, 0, 0])
+    for patches, tokens in ((16, 6), (12, 4), (36, 16)):                      # not square / not dividing
+        with pytest.raises(ValueError, match="token_skip"):
+            patch_to_token(patches, tokens)
+
+
+@pytest.mark.parametrize("n, l", [(4, 16), (9, 9)])
+def test_token_skip_matches_reference(n, l):
+    """With token_skip each token's decoder row is added to the rows of the patches it covers, before the
+    decoder blocks; checked against the torch reference with that one extra line."""
+    from v2flow_jax.models.mar import patch_to_token
+    model = build(n, l, token_skip=True)
+    params = random_params(model, seed=3)
+    inputs = example_inputs(seed=4, n=n, l=l)
+    got = np.asarray(jax.jit(lambda p, *a: model.apply(p, *a))(params, *inputs))
+    np.testing.assert_allclose(got, reference(params, *inputs, token_of_patch=patch_to_token(l, n)),
+                               atol=2e-4, rtol=2e-4)
+    plain = np.asarray(jax.jit(lambda p, *a: build(n, l).apply(p, *a))(params, *inputs))
+    assert np.abs(got - plain).max() > 0.1       # the path is live

@@ -184,6 +184,34 @@ def test_folder_with_bad_and_odd_images_trains(folder_run):
         assert f"'{reason}'" in converted, summary_text
     assert re.search(r"'unsupported': [2-9]", skipped), summary_text
     assert _finished_steps(workdir) == [4]
+    # the same counts reach metrics.json, beside the evaluation they trained
+    with open(workdir / "metrics.json") as f:
+        counts = json.load(f)["latest"]["train_input"]
+    assert counts["examples"] == 4 * 8
+    for kind, text in (("skipped", skipped), ("converted", converted)):
+        logged = {k: int(v) for k, v in re.findall(r"'(\w+)': (\d+)", text)}
+        assert counts[kind] == logged, (kind, counts, text)
+
+
+def test_ctrl_c_leaves_a_checkpoint_and_prints_the_interrupt_last(tmp_path, tmp_path_factory):
+    """SIGINT mid-run: the checkpointer is closed on the way out (no orbax shutdown noise after the
+    traceback), the last line the user sees is the KeyboardInterrupt, and the run resumes."""
+    tiny_configs.shared_run(tmp_path_factory)       # its compiled steps are in the cache
+    workdir = tmp_path / "interrupted"
+    cmd = tiny_configs.main_command(workdir, *tiny_configs.SHARED_FLAGS, arg=tiny_configs.SHARED_ARG)
+    env = tiny_configs.main_env(1, tiny_configs.compile_cache(tmp_path_factory))
+    proc = subprocess.Popen(cmd, cwd=tiny_configs.REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline and not _finished_steps(workdir):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert proc.returncode != 0 and lines[-1].startswith("KeyboardInterrupt"), out[-3000:]
+    tail = out[out.rindex("Traceback"):]
+    assert "Event loop is closed" not in tail and "meta_path" not in tail, tail
+    assert _finished_steps(workdir), out[-3000:]
 
 
 # ----------------------------------------------------------------- 3. 8-device mesh == one device
@@ -280,6 +308,21 @@ def test_nonfinite_step_leaves_the_model_untouched():
     (lambda c: c.data.__setitem__("image_size", 64), "config.data.image_size"),
     (lambda c: c.model.__setitem__("preset", "gigantic"), "config.model.preset"),
     (lambda c: c.sampler.__setitem__("solver", "rk4"), "config.sampler.solver"),
+    # the schedule is checked before anything is allocated: a bad value never costs a run
+    (lambda c: c.__setitem__("num_steps", 0), "config.num_steps"),
+    (lambda c: c.__setitem__("checkpoint_every", 0), "config.checkpoint_every"),
+    (lambda c: c.__setitem__("eval_every", -5), "config.eval_every"),
+    (lambda c: c.__setitem__("keep_checkpoints", 0), "config.keep_checkpoints"),
+    (lambda c: c.__setitem__("log_every", 0), "config.log_every"),
+    (lambda c: c.__setitem__("max_nonfinite_steps", 0), "config.max_nonfinite_steps"),
+    (lambda c: c.optim.__setitem__("grad_clip", -1.0), "config.optim.grad_clip"),
+    (lambda c: c.eval.__setitem__("batch_size", 0), "config.eval.batch_size"),
+    (lambda c: c.optim.__setitem__("base_lr", 0.0), "config.optim.base_lr"),
+    (lambda c: c.optim.__setitem__("b2", 1.0), "config.optim.b2"),
+    (lambda c: c.optim.__setitem__("warmup_steps", -1), "config.optim.warmup_steps"),
+    (lambda c: c.optim.__setitem__("min_lr_ratio", 1.5), "config.optim.min_lr_ratio"),
+    (lambda c: c.eval.__setitem__("num_images", 0), "config.eval.num_images"),
+    (lambda c: c.eval.__setitem__("grid_images", -1), "config.eval.grid_images"),
 ])
 def test_config_validation_names_the_field(change, field):
     config = tiny_config()

@@ -6,6 +6,7 @@ the index files and the dtype headers are the ones real LLaMA checkpoints have.
 import json
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -343,3 +344,60 @@ def test_install_table_boxed_and_errors():
         voc.install_table({"frozen": {}}, table)
     with pytest.raises(voc.VocabularyError, match="frozen/other"):
         voc.install_table(boxed, table, path=("frozen", "other"))
+
+
+# ------------------------------------------------------------------ the config's vocabulary, before a run
+
+
+def test_package_checkpoint_is_located_without_running_its_code(tmp_path, monkeypatch):
+    """'package:NAME' finds the folder of an installed package without importing it: a config read back
+    from someone else's checkpoint must not be able to run code by naming a module."""
+    from v2flow_jax import build
+    pkg = tmp_path / "site" / "vocab_pkg_under_test"
+    (pkg / "model").mkdir(parents=True)
+    (pkg / "__init__.py").write_text(f"open({str(tmp_path / 'RAN')!r}, 'w').close()\nraise SystemExit('imported')\n")
+    (pkg / "model" / "config.json").write_text("{}")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert build.resolve_checkpoint_dir("package:vocab_pkg_under_test") == str(pkg / "model")
+    assert "vocab_pkg_under_test" not in sys.modules and not (tmp_path / "RAN").exists()
+    with pytest.raises(ValueError, match="top-level name"):
+        build.resolve_checkpoint_dir("package:vocab_pkg_under_test.model")
+    with pytest.raises(FileNotFoundError, match="no installed package 'no_such_vocab_pkg'"):
+        build.resolve_checkpoint_dir("package:no_such_vocab_pkg")
+
+
+@pytest.mark.parametrize("model, match", [
+    (dict(vocab_size=64, vocab_dim=32), r"set config\.model\.vocab_dim=64"),
+    (dict(vocab_size=300, vocab_dim=64), r"config\.model\.vocab_size=300.*num_tokens=300"),
+])
+def test_run_vocabulary_is_checked_from_headers(ckpts, monkeypatch, model, match):
+    """A table that does not fit config.model is refused from its headers, before any weights are read
+    (train_and_evaluate checks this before it allocates the state)."""
+    import tiny_configs
+    from v2flow_jax import build
+    config = tiny_configs.tiny_config(vocab=True)
+    config.model.update(model)
+    config.vocabulary.update(checkpoint=str(ckpts["root"] / "single"), tensor_name="model.embed_tokens.weight",
+                             first_row=0)
+    monkeypatch.setattr(voc, "load_embedding_table", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(ValueError, match=match):
+        build.check_vocabulary(build.build_run(config))
+    config.model.update(vocab_size=64, vocab_dim=64)   # fits: 64 of the 256 rows, 64 wide
+    assert build.check_vocabulary(build.build_run(config)) == str(ckpts["root"] / "single")
+
+
+def test_training_refuses_a_misfit_vocabulary_before_allocating(ckpts, monkeypatch, tmp_path):
+    """The wrong vocab_size stops `train_and_evaluate` before the dataset, the state or the optimizer
+    exist (the same error once came after ~20 GB of train state)."""
+    import tiny_configs
+    from v2flow_jax import train, train_state
+    config = tiny_configs.tiny_config(vocab=True)
+    config.model.update(vocab_size=300, vocab_dim=64)
+    config.vocabulary.update(checkpoint=str(ckpts["root"] / "single"), tensor_name="model.embed_tokens.weight",
+                             first_row=0)
+    for name in ("init_state", "abstract_train_state"):
+        monkeypatch.setattr(train_state, name, lambda *a, **k: pytest.fail("the state was allocated"))
+    monkeypatch.setattr(train, "make_optimizer", lambda *a, **k: pytest.fail("an optimizer was built"))
+    with pytest.raises(ValueError, match=r"vocab_size=300"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

@@ -1,8 +1,6 @@
 """V2Flow in JAX/Flax: visual tokens in an LLM's vocabulary space, rebuilt by masked AR rectified flow."""
-from v2flow_jax import host_memory as _host_memory
 
 __version__ = "0.1.0"
 
-# On CPU, keep freed host memory for reuse so each step does not page-fault its buffers in again
-# (host_memory.py; V2FLOW_RETAIN_HOST_MEMORY=0 turns it off). Must run before the first computation.
-_host_memory.apply_default()
+# Importing the package changes nothing in the process. `python -m v2flow_jax.main` (and the benchmarks)
+# call host_memory.apply_default() first; API users on CPU can do the same before their first computation.

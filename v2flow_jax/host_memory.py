@@ -8,8 +8,10 @@ time on a 2-core VM. With one arena, no mmap for large blocks and no trimming, f
 reused and the faults go away. The cost:
 the process keeps its high-water mark of host memory instead of handing it back to the OS.
 
-`import v2flow_jax` applies this when JAX will run on the CPU (no TPU/GPU plugin installed and
+`apply_default()` applies this when JAX will run on the CPU (no TPU/GPU plugin installed and
 JAX_PLATFORMS not naming an accelerator); V2FLOW_RETAIN_HOST_MEMORY=1 forces it, =0 turns it off.
+`python -m v2flow_jax.main`, the benchmarks and the test suite call it; importing v2flow_jax does not
+(no side effects at import), so a Python user who wants it calls `host_memory.apply_default()` first.
 It must happen before the first JAX computation: threads that already own an arena keep it.
 """
 from __future__ import annotations
@@ -61,12 +63,12 @@ def retain_freed_memory() -> bool:
 
 
 def applied() -> bool:
-    """Whether this process keeps its freed memory (set by `import v2flow_jax` or `retain_freed_memory`)."""
+    """Whether this process keeps its freed memory (set by `apply_default` or `retain_freed_memory`)."""
     return bool(_state["applied"])
 
 
 def apply_default() -> bool:
-    """What `import v2flow_jax` does: retain on CPU-only installs unless V2FLOW_RETAIN_HOST_MEMORY says otherwise."""
+    """What `main` does first: retain on CPU-only installs unless V2FLOW_RETAIN_HOST_MEMORY says otherwise."""
     switch = os.environ.get(ENV_SWITCH, "auto").strip().lower()
     if switch in ("0", "false", "no", "off"):
         return False

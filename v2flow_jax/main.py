@@ -64,4 +64,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from v2flow_jax import host_memory
+    host_memory.apply_default()    # before the first computation (host_memory.py); V2FLOW_RETAIN_HOST_MEMORY=0: off
     app.run(main)

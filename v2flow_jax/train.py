@@ -68,10 +68,6 @@ def batch_latents(run: build.Run, batch):
     return build.encode_images(run, batch["image"])
 
 
-def _tree_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
 def train_step(run: build.Run, tx, state: train_state.TrainState, batch, frozen):
     """One optimizer step. Pure: (state, batch, frozen) -> (new state, metrics)."""
     model = run.model
@@ -86,7 +82,7 @@ def train_step(run: build.Run, tx, state: train_state.TrainState, batch, frozen)
         return loss, (aux, updates["vq"])
 
     (loss, (aux, vq)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def apply_update(state):
@@ -103,7 +99,7 @@ def train_step(run: build.Run, tx, state: train_state.TrainState, batch, frozen)
     # between old and new state costs a pass over every tensor and forces copies of the donated ones.
     new_state = jax.lax.cond(finite, apply_update, lambda state: state, state)
     new_state = new_state.replace(step=state.step + 1)
-    metrics = {**aux, "grad_norm": grad_norm, "param_norm": _tree_norm(new_state.params),
+    metrics = {**aux, "grad_norm": grad_norm, "param_norm": optax.tree.norm(new_state.params),
                "learning_rate": learning_rate_schedule(run.config)(state.step), "nonfinite": 1.0 - finite}
     return new_state, metrics
 
@@ -183,11 +179,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _close_quietly(ckpt) -> None:
-    """Closes the checkpointer on an error path: its own shutdown errors must not hide the real one."""
-    try:
-        ckpt.close()
-    except Exception as e:  # e.g. a full disk fails the pending write too
-        logging.warning("Closing the checkpointer after the error below also failed: %s: %s", type(e).__name__, e)
+    """Finishes the pending write (the step saved before a failing evaluation is kept), then closes the
+    checkpointer; on this error path its own errors are logged and must not hide the real one."""
+    for what, fn in (("Finishing the last checkpoint write", ckpt.wait), ("Closing the checkpointer", ckpt.close)):
+        try:
+            fn()
+        except Exception as e:  # e.g. a full disk fails the pending write too
+            logging.warning("%s after the error below also failed: %s: %s", what, type(e).__name__, e)
 
 
 def _restore(ckpt, config, abstract, train_iter):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -176,22 +177,17 @@ def make_config(config: dict[str, Any] | DCAEConfig) -> DCAEConfig:
 
 def pixel_unshuffle(x, r: int = 2):
     """torch F.pixel_unshuffle: output channel c*r*r + i*r + j holds pixel (h*r+i, w*r+j) of channel c."""
-    b, h, w, c = x.shape
-    x = x.reshape(b, h // r, r, w // r, r, c)
-    return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // r, w // r, c * r * r)
+    return einops.rearrange(x, "b (h i) (w j) c -> b h w (c i j)", i=r, j=r)
 
 
 def pixel_shuffle(x, r: int = 2):
     """torch F.pixel_shuffle, the inverse of `pixel_unshuffle`."""
-    b, h, w, c = x.shape
-    x = x.reshape(b, h, w, c // (r * r), r, r)
-    return x.transpose(0, 1, 4, 2, 5, 3).reshape(b, h * r, w * r, c // (r * r))
+    return einops.rearrange(x, "b h w (c i j) -> b (h i) (w j) c", i=r, j=r)
 
 
 def channel_group_mean(x, out_channels: int):
     """Averages consecutive channel groups down to `out_channels` (torch `unflatten(1, (-1, g)).mean(2)`)."""
-    b, h, w, c = x.shape
-    return x.reshape(b, h, w, out_channels, c // out_channels).mean(-1)
+    return einops.reduce(x, "b h w (o g) -> b h w o", "mean", o=out_channels)
 
 
 def repeat_channels(x, out_channels: int):

@@ -6,6 +6,7 @@ the same interface as `dc_ae.DCAutoencoder`: a latent pixel is one p x p x C pat
 """
 from __future__ import annotations
 
+import einops
 import jax.numpy as jnp
 
 
@@ -14,15 +15,12 @@ def patchify(images, p: int):
     b, h, w, c = images.shape
     if h % p or w % p:
         raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}.")
-    x = images.reshape(b, h // p, p, w // p, p, c)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // p, w // p, p * p * c)
+    return einops.rearrange(images, "b (h p) (w q) c -> b h w (p q c)", p=p, q=p)
 
 
 def unpatchify(latents, p: int, channels: int):
     """(B, h, w, p*p*C) -> (B, h*p, w*p, C), the inverse of `patchify`."""
-    b, h, w, _ = latents.shape
-    x = latents.reshape(b, h, w, p, p, channels)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * p, w * p, channels)
+    return einops.rearrange(latents, "b h w (p q c) -> b (h p) (w q) c", p=p, q=p, c=channels)
 
 
 class PixelAutoencoder:
