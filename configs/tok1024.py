@@ -13,10 +13,23 @@ vocabulary (32000 x 4096) with the full 1.04 B generator G: 1.56 B parameters in
 over 'tensor' (mesh below) so it does not sit whole on every chip. Global batch 768 (16 per GPU on
 48 GPUs in the release). Not yet run by us.
 
-Arguments: '' (default), 'novocab'.
+Arguments: novocab (no LLM vocabulary), tensor=N (the mesh's 'tensor' axis, default 4).
 """
-from v2flow_jax import config_defaults
+from v2flow_jax import config_args, config_defaults
 
 
 def get_config(arg: str = ""):
-    return config_defaults.dc_ae_config(1024, arg, tensor=4)
+    args = config_args.parse(arg, novocab=False, tensor=4)
+    c = config_defaults.base_config()
+    c.image_size = c.data.image_size = 1024
+    c.autoencoder.name = "dc_ae_f32c32"                 # 32x downsampling, 32 channels
+    c.model.update(latent_size=1024 // 32, latent_channels=32, preset="large", dtype="bfloat16",
+                   vocab_size=0 if args.novocab else 32000, vocab_dim=4096)     # LLaMA-2's table
+    # G's 32000 x 32000 matrix and the vocabulary split over 'tensor' when there is one.
+    c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1 if args.novocab else args.tensor))
+    c.data.update(source="tfds", tfds_name="imagenet2012")
+    c.batch_size = 768                                  # global
+    c.num_steps = 166_800                               # 100 epochs of ImageNet-1k at 768
+    c.optim.update(base_lr=1e-4, warmup_steps=8_340, schedule="cosine")   # lr = 1e-4 * 768 / 256
+    c.ema_decay = 0.9999
+    return c

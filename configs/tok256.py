@@ -14,14 +14,29 @@ Expected: the paper reports PSNR 20.41 / SSIM 0.52 / LPIPS 0.26 for 64 tokens at
 the release's compute is ~0.42 TFLOP per training image plus ~1.04 TFLOP for G and the vocabulary,
 i.e. roughly 3 days on a v5p-64 at 40% MFU (not yet measured on a pod).
 
-Arguments:
-  :demo        the embedded CPU demo (pixels, tiny model, bundled photos, a few minutes on 2 cores)
-  :novocab     the same run without the LLM vocabulary (release flag --visual_vocabulary False)
+Arguments (comma-separated after the colon, e.g. configs/tok256.py:novocab,tensor=2):
+  demo         the embedded CPU demo (v2flow_jax/demo_config.py: pixels, tiny model, bundled photos)
+  novocab      the same run without the LLM vocabulary (release flag --visual_vocabulary False)
+  tensor=N     size of the mesh's 'tensor' axis for G and the vocabulary (default 1)
 """
-from v2flow_jax import config_defaults
+from v2flow_jax import config_args, config_defaults
 
 
 def get_config(arg: str = ""):
-    if arg == "demo":
-        return config_defaults.demo_config()
-    return config_defaults.dc_ae_config(256, arg)
+    args = config_args.parse(arg, demo=False, novocab=False, tensor=1)
+    if args.demo:
+        from v2flow_jax import demo_config
+        return demo_config.get_config()
+    c = config_defaults.base_config()
+    c.image_size = c.data.image_size = 256
+    c.autoencoder.name = "dc_ae_f32c32"                 # 32x downsampling, 32 channels
+    c.model.update(latent_size=256 // 32, latent_channels=32, preset="large", dtype="bfloat16",
+                   vocab_size=0 if args.novocab else 32000, vocab_dim=4096)     # LLaMA-2's table
+    # G's 32000 x 32000 matrix and the vocabulary split over 'tensor' when there is one.
+    c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1 if args.novocab else args.tensor))
+    c.data.update(source="tfds", tfds_name="imagenet2012")
+    c.batch_size = 768                                  # global
+    c.num_steps = 166_800                               # 100 epochs of ImageNet-1k at 768
+    c.optim.update(base_lr=1e-4, warmup_steps=8_340, schedule="cosine")   # lr = 1e-4 * 768 / 256
+    c.ema_decay = 0.9999
+    return c

@@ -12,10 +12,23 @@ Compute (REFERENCE section 9, no vocabulary): ~1.72 TFLOP per training image; G 
 PSNR 22.37 / SSIM 0.65 / LPIPS 0.20 for 256 tokens (at 256^2 with a 16x latent space; the 512^2
 figure with 1024 tokens is 23.28 / 0.65 / 0.22). Not yet run by us.
 
-Arguments: '' (default), 'novocab' (no LLM vocabulary).
+Arguments: novocab (no LLM vocabulary), tensor=N (the mesh's 'tensor' axis, default 1).
 """
-from v2flow_jax import config_defaults
+from v2flow_jax import config_args, config_defaults
 
 
 def get_config(arg: str = ""):
-    return config_defaults.dc_ae_config(512, arg)
+    args = config_args.parse(arg, novocab=False, tensor=1)
+    c = config_defaults.base_config()
+    c.image_size = c.data.image_size = 512
+    c.autoencoder.name = "dc_ae_f32c32"                 # 32x downsampling, 32 channels
+    c.model.update(latent_size=512 // 32, latent_channels=32, preset="large", dtype="bfloat16",
+                   vocab_size=0 if args.novocab else 32000, vocab_dim=4096)     # LLaMA-2's table
+    # G's 32000 x 32000 matrix and the vocabulary split over 'tensor' when there is one.
+    c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1 if args.novocab else args.tensor))
+    c.data.update(source="tfds", tfds_name="imagenet2012")
+    c.batch_size = 768                                  # global
+    c.num_steps = 166_800                               # 100 epochs of ImageNet-1k at 768
+    c.optim.update(base_lr=1e-4, warmup_steps=8_340, schedule="cosine")   # lr = 1e-4 * 768 / 256
+    c.ema_decay = 0.9999
+    return c

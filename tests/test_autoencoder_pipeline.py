@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import tiny_configs
-from v2flow_jax import build, config_defaults, input_pipeline
+from v2flow_jax import build, demo_config, input_pipeline
 from v2flow_jax.api import Tokenizer
 
 torch = pytest.importorskip("torch")
@@ -47,7 +47,7 @@ def checkpoint(tmp_path_factory):
 
 
 def dc_ae_config(path, **overrides):
-    c = config_defaults.demo_config()
+    c = demo_config.get_config()
     c.image_size = c.data.image_size = IMAGE_SIZE
     c.autoencoder.name = "dc_ae"
     c.autoencoder.checkpoint = path

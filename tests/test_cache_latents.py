@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from v2flow_jax import cache_latents, config_defaults, input_pipeline
+from v2flow_jax import cache_latents, demo_config, input_pipeline
 
 import tiny_configs
 
@@ -27,7 +27,7 @@ LATENT_SHAPE = (8, 8, 192)
 
 
 def demo_cache_config(per_part=PER_PART, **overrides):
-    c = config_defaults.demo_config()
+    c = demo_config.get_config()
     c.mode = "cache_latents"
     c.mesh = [("data", -1)]
     c.batch_size = 8

@@ -53,3 +53,12 @@ def test_swap_ids_rolls_only_the_real_rows():
     out = evaluate.swap_ids(ids, 3)
     np.testing.assert_array_equal(out[:3], ids[[1, 2, 0]])
     np.testing.assert_array_equal(out[3], ids[3])
+
+
+def test_alignment_report_leaves_out_frechet_for_one_code():
+    """One code in use (a collapsed codebook) has no covariance: no Frechet entry rather than NaN in JSON."""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((50, 8))
+    one = alignment.alignment_report(table[:1], table)
+    assert "align_frechet" not in one and one["align_nearest_cos"] > 0.999
+    assert np.isfinite(alignment.alignment_report(table[:5], table)["align_frechet"])

@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from flax import serialization, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from v2flow_jax import sharding  # noqa: E402
+from v2flow_jax.convert import hf_embeddings as hf  # noqa: E402
 from v2flow_jax.models import vocabulary as voc  # noqa: E402
 
 VOCAB, WIDTH = 256, 64  # vocab divisible by the mesh's 'tensor' axis, width by 'fsdp'
@@ -36,41 +36,6 @@ def _tiny_llama(dtype=None, seed=0):
 
 def _reference(model) -> np.ndarray:
     return model.get_input_embeddings().weight.detach().float().numpy()
-
-
-def _write_flax_layout(directory, model, *, sharded=False):
-    """The HF Flax layout (FlaxLlamaForCausalLM.save_pretrained), written by hand.
-
-    transformers 5 dropped its Flax models, so nothing can write `flax_model.msgpack` any more;
-    checkpoints made with transformers <= 4.x still exist. Its tree is the linen params of
-    FlaxLlamaForCausalLM: {'model': {'embed_tokens': {'embedding'}, 'layers', 'norm'}, 'lm_head':
-    {'kernel'}}; the sharded variant holds flat dicts keyed 'a/b/c' and an index naming the file.
-    """
-    os.makedirs(directory, exist_ok=True)
-    # numpy has no bf16: go through fp32 and back to ml_dtypes' bfloat16 (exact), as Flax stored it.
-    sd = {k: v.detach().float().numpy().astype(jnp.bfloat16 if v.dtype == torch.bfloat16 else np.float32)
-          for k, v in model.state_dict().items()}
-    tree = {
-        "model": {
-            "embed_tokens": {"embedding": sd["model.embed_tokens.weight"]},
-            "norm": {"weight": sd["model.norm.weight"]},
-            "layers": {"0": {"mlp": {"down_proj": {"kernel": sd["model.layers.0.mlp.down_proj.weight"].T}}}},
-        },
-        "lm_head": {"kernel": sd["lm_head.weight"].T},
-    }
-    model.config.to_json_file(os.path.join(directory, "config.json"))
-    if not sharded:
-        with open(os.path.join(directory, "flax_model.msgpack"), "wb") as f:
-            f.write(serialization.msgpack_serialize(tree))
-        return
-    flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
-    names = sorted(flat)  # 'lm_head/kernel' first, so the embedding is not in shard 1
-    files = {n: f"flax_model-0000{i + 1}-of-0000{len(names)}.msgpack" for i, n in enumerate(names)}
-    for n in names:
-        with open(os.path.join(directory, files[n]), "wb") as f:
-            f.write(serialization.msgpack_serialize({n: flat[n]}))
-    with open(os.path.join(directory, "flax_model.msgpack.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": files}, f)
 
 
 def _move_embedding_out_of_first_shard(directory):
@@ -96,11 +61,8 @@ def ckpts(tmp_path_factory):
     model.save_pretrained(root / "single")
     model.save_pretrained(root / "sharded", max_shard_size="40KB")  # embedding alone is 64 KB
     _move_embedding_out_of_first_shard(root / "sharded")
-    _write_flax_layout(root / "flax", model)
-    _write_flax_layout(root / "flax_sharded", model, sharded=True)
     bf16 = _tiny_llama(torch.bfloat16, seed=1)
     bf16.save_pretrained(root / "bf16")
-    _write_flax_layout(root / "flax_bf16", bf16)
     return {"root": root, "ref": _reference(model), "ref_bf16": _reference(bf16)}
 
 
@@ -110,10 +72,10 @@ def mesh():
 
 
 def test_single_safetensors(ckpts):
-    table = voc.load_embedding_table(ckpts["root"] / "single")
+    table = hf.load_embedding_table(ckpts["root"] / "single")
     assert table.shape == (VOCAB, WIDTH) and table.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(table), ckpts["ref"])
-    assert voc.embedding_table_info(ckpts["root"] / "single") == (VOCAB, WIDTH)
+    assert hf.embedding_table_info(ckpts["root"] / "single") == (VOCAB, WIDTH)
 
 
 def test_sharded_index_layout(ckpts):
@@ -123,79 +85,66 @@ def test_sharded_index_layout(ckpts):
     assert len(set(weight_map.values())) > 2
     assert not weight_map["model.embed_tokens.weight"].startswith("model-00001-")
     assert not os.path.exists(d / "model.safetensors")
-    np.testing.assert_array_equal(np.asarray(voc.load_embedding_table(d)), ckpts["ref"])
+    np.testing.assert_array_equal(np.asarray(hf.load_embedding_table(d)), ckpts["ref"])
 
 
 def test_bf16_on_disk(ckpts):
     d = ckpts["root"] / "bf16"
-    table = voc.load_embedding_table(d)  # cast to fp32, exactly the bf16 values upcast
+    table = hf.load_embedding_table(d)  # cast to fp32, exactly the bf16 values upcast
     assert table.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(table), ckpts["ref_bf16"])
-    raw = voc.load_embedding_table(d, dtype=None)  # keeps bf16
+    raw = hf.load_embedding_table(d, dtype=None)  # keeps bf16
     assert raw.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(raw, np.float32), ckpts["ref_bf16"])
-    half = voc.load_embedding_table(ckpts["root"] / "single", dtype=jnp.float16)
+    half = hf.load_embedding_table(ckpts["root"] / "single", dtype=jnp.float16)
     np.testing.assert_array_equal(np.asarray(half), ckpts["ref"].astype(np.float16))
 
 
-@pytest.mark.parametrize("layout", ["flax", "flax_sharded"])
-def test_flax_msgpack(ckpts, layout):
-    d = ckpts["root"] / layout
-    np.testing.assert_array_equal(np.asarray(voc.load_embedding_table(d)), ckpts["ref"])
-    by_path = voc.load_embedding_table(d, tensor_name="model/embed_tokens/embedding")
-    np.testing.assert_array_equal(np.asarray(by_path), ckpts["ref"])
-
-
-def test_flax_msgpack_bf16(ckpts):
-    d = ckpts["root"] / "flax_bf16"
-    raw = voc.load_embedding_table(d, dtype=None)
-    assert raw.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(voc.load_embedding_table(d)), ckpts["ref_bf16"])
-
-
-def test_prefers_safetensors_over_msgpack(ckpts, tmp_path):
-    d = tmp_path / "both"
-    shutil.copytree(ckpts["root"] / "single", d)
-    other = _tiny_llama(seed=7)  # different values in the msgpack tell the two apart
-    _write_flax_layout(d, other)
-    np.testing.assert_array_equal(np.asarray(voc.load_embedding_table(d)), ckpts["ref"])
+def test_flax_msgpack_is_refused_with_the_conversion(ckpts, tmp_path):
+    """transformers < 5's flax_model.msgpack is not read (nothing writes it any more): the error says so."""
+    d = tmp_path / "flax_only"
+    d.mkdir()
+    shutil.copy(ckpts["root"] / "single" / "config.json", d)
+    (d / "flax_model.msgpack").write_bytes(b"\x80")
+    with pytest.raises(FileNotFoundError, match=r"flax_model\.msgpack.*save_pretrained"):
+        hf.load_embedding_table(d)
 
 
 def test_num_tokens_keeps_first_rows(ckpts):
-    table = voc.load_embedding_table(ckpts["root"] / "sharded", num_tokens=10)
+    table = hf.load_embedding_table(ckpts["root"] / "sharded", num_tokens=10)
     np.testing.assert_array_equal(np.asarray(table), ckpts["ref"][:10])
 
 
 def test_first_row_offsets_the_rows_and_checks_the_range(ckpts, mesh):
-    table = voc.load_embedding_table(ckpts["root"] / "sharded", num_tokens=10, first_row=5)
+    table = hf.load_embedding_table(ckpts["root"] / "sharded", num_tokens=10, first_row=5)
     np.testing.assert_array_equal(np.asarray(table), ckpts["ref"][5:15])
     spec = voc.table_sharding(mesh, sharding.DEFAULT_RULES)
     rows = 8 * (len(ckpts["ref"]) // 16)
-    sharded = voc.load_embedding_table(ckpts["root"] / "sharded", num_tokens=rows, first_row=3, sharding=spec)
+    sharded = hf.load_embedding_table(ckpts["root"] / "sharded", num_tokens=rows, first_row=3, sharding=spec)
     np.testing.assert_array_equal(np.asarray(sharded), ckpts["ref"][3:3 + rows])
     with pytest.raises(voc.VocabularyError, match="first_row"):
-        voc.load_embedding_table(ckpts["root"] / "sharded", num_tokens=10, first_row=len(ckpts["ref"]) - 9)
+        hf.load_embedding_table(ckpts["root"] / "sharded", num_tokens=10, first_row=len(ckpts["ref"]) - 9)
 
 
 def test_vocabulary_words_from_tokenizer_json_and_vocab_txt(tmp_path):
     import json
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"x": 2, "hello": 0, "##s": 1}}}))
-    assert voc.load_vocabulary_words(tmp_path / "a") == ["hello", "##s", "x"]
+    assert hf.load_vocabulary_words(tmp_path / "a") == ["hello", "##s", "x"]
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "vocab.txt").write_text("[PAD]\nthe\nof\n")
-    assert voc.load_vocabulary_words(tmp_path / "b") == ["[PAD]", "the", "of"]
-    assert voc.load_vocabulary_words(tmp_path) is None
+    assert hf.load_vocabulary_words(tmp_path / "b") == ["[PAD]", "the", "of"]
+    assert hf.load_vocabulary_words(tmp_path) is None
 
 
 @pytest.mark.parametrize("num_tokens", [None, 128])
 def test_sharded_placement_reads_only_blocks(ckpts, mesh, monkeypatch, num_tokens):
     reads = []
-    full_index = voc._full_index
-    monkeypatch.setattr(voc, "_full_index", lambda i, s: reads.append(full_index(i, s)) or reads[-1])
+    full_index = hf._full_index
+    monkeypatch.setattr(hf, "_full_index", lambda i, s: reads.append(full_index(i, s)) or reads[-1])
     spec = voc.table_sharding(mesh, sharding.DEFAULT_RULES)
     assert spec.spec == P("tensor", "fsdp")
-    table = voc.load_embedding_table(ckpts["root"] / "bf16", sharding=spec, num_tokens=num_tokens)
+    table = hf.load_embedding_table(ckpts["root"] / "bf16", sharding=spec, num_tokens=num_tokens)
     ref = ckpts["ref_bf16"][:num_tokens]
     rows = ref.shape[0]
     assert table.sharding == spec and table.shape == ref.shape
@@ -212,7 +161,7 @@ def test_sharding_from_logical_shardings(ckpts, mesh):
     abstract = {"table": nn.LogicallyPartitioned(
         jax.ShapeDtypeStruct((VOCAB, WIDTH), jnp.float32), voc.TABLE_AXES)}
     spec = nn.unbox(sharding.logical_shardings(abstract, mesh))["table"]
-    table = voc.load_embedding_table(ckpts["root"] / "single", sharding=spec)
+    table = hf.load_embedding_table(ckpts["root"] / "single", sharding=spec)
     assert isinstance(table.sharding, NamedSharding) and table.sharding.spec == P("tensor", "fsdp")
     np.testing.assert_array_equal(np.asarray(table), ckpts["ref"])
 
@@ -223,9 +172,9 @@ def test_sharding_from_logical_shardings(ckpts, mesh):
 def test_error_missing_dir(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="nope.*does not exist"):
-        voc.load_embedding_table(missing)
+        hf.load_embedding_table(missing)
     with pytest.raises(voc.VocabularyError, match="nope"):
-        voc.embedding_table_info(missing)
+        hf.embedding_table_info(missing)
 
 
 def test_error_no_config(ckpts, tmp_path):
@@ -233,15 +182,15 @@ def test_error_no_config(ckpts, tmp_path):
     shutil.copytree(ckpts["root"] / "single", d)
     os.remove(d / "config.json")
     with pytest.raises(FileNotFoundError, match=r"noconfig.*config\.json"):
-        voc.load_embedding_table(d)
+        hf.load_embedding_table(d)
 
 
 def test_error_no_weights(ckpts, tmp_path):
     d = tmp_path / "noweights"
     d.mkdir()
     shutil.copy(ckpts["root"] / "single" / "config.json", d)
-    with pytest.raises(FileNotFoundError, match=r"noweights.*model\.safetensors.*flax_model\.msgpack"):
-        voc.load_embedding_table(d)
+    with pytest.raises(FileNotFoundError, match=r"noweights.*model\.safetensors"):
+        hf.load_embedding_table(d)
 
 
 def test_error_missing_shard(ckpts, tmp_path):
@@ -251,15 +200,14 @@ def test_error_missing_shard(ckpts, tmp_path):
         lost = json.load(f)["weight_map"]["model.embed_tokens.weight"]
     os.remove(d / lost)
     with pytest.raises(FileNotFoundError, match=lost):
-        voc.load_embedding_table(d)
+        hf.load_embedding_table(d)
 
 
 @pytest.mark.parametrize("layout, where", [("single", "model.safetensors"),
-                                           ("sharded", "model.safetensors.index.json"),
-                                           ("flax", "flax_model.msgpack")])
+                                           ("sharded", "model.safetensors.index.json")])
 def test_error_tensor_not_found(ckpts, layout, where):
     with pytest.raises(voc.VocabularyError) as e:
-        voc.load_embedding_table(ckpts["root"] / layout, tensor_name="model.wte.weight")
+        hf.load_embedding_table(ckpts["root"] / layout, tensor_name="model.wte.weight")
     msg = str(e.value)
     assert "'model.wte.weight'" in msg and where in msg and "tensor_name=" in msg
     assert "embed_tokens" in msg  # the names it lists start with the embedding-looking ones
@@ -267,7 +215,7 @@ def test_error_tensor_not_found(ckpts, layout, where):
 
 def test_error_not_a_table(ckpts):
     with pytest.raises(voc.VocabularyError, match=r"model\.norm\.weight.*2-D"):
-        voc.load_embedding_table(ckpts["root"] / "single", tensor_name="model.norm.weight")
+        hf.load_embedding_table(ckpts["root"] / "single", tensor_name="model.norm.weight")
 
 
 def test_error_shape_disagrees_with_config(ckpts, tmp_path):
@@ -279,18 +227,18 @@ def test_error_shape_disagrees_with_config(ckpts, tmp_path):
     with open(d / "config.json", "w") as f:
         json.dump(cfg, f)
     with pytest.raises(voc.VocabularyError, match=r"\(256, 64\).*badconfig.*vocab_size=32000"):
-        voc.load_embedding_table(d)
+        hf.load_embedding_table(d)
 
 
 def test_error_num_tokens_too_large(ckpts):
     with pytest.raises(voc.VocabularyError, match=r"num_tokens=300.*vocab_size=256.*single"):
-        voc.load_embedding_table(ckpts["root"] / "single", num_tokens=300)
+        hf.load_embedding_table(ckpts["root"] / "single", num_tokens=300)
 
 
 def test_error_indivisible_sharding(ckpts, mesh):
     spec = voc.table_sharding(mesh, sharding.DEFAULT_RULES)
     with pytest.raises(voc.VocabularyError, match=r"\(255, 64\).*num_tokens"):
-        voc.load_embedding_table(ckpts["root"] / "single", sharding=spec, num_tokens=255)
+        hf.load_embedding_table(ckpts["root"] / "single", sharding=spec, num_tokens=255)
 
 
 # ---------------------------------------------------------------------------------------------- linen
@@ -314,7 +262,7 @@ def test_frozen_vocabulary_install_and_grads(ckpts, mesh):
     assert 0.01 < float(jnp.std(placeholder)) < 0.03  # normal(0.02)
 
     spec = voc.table_sharding(mesh, sharding.DEFAULT_RULES)
-    table = voc.load_embedding_table(ckpts["root"] / "single", sharding=spec)
+    table = hf.load_embedding_table(ckpts["root"] / "single", sharding=spec)
     variables = voc.install_table(variables, table)
     installed = variables["frozen"]["vocabulary"]["table"]
     assert installed.sharding == placeholder.sharding
@@ -379,7 +327,7 @@ def test_run_vocabulary_is_checked_from_headers(ckpts, monkeypatch, model, match
     config.model.update(model)
     config.vocabulary.update(checkpoint=str(ckpts["root"] / "single"), tensor_name="model.embed_tokens.weight",
                              first_row=0)
-    monkeypatch.setattr(voc, "load_embedding_table", lambda *a, **k: pytest.fail("weights were read"))
+    monkeypatch.setattr(hf, "load_embedding_table", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(ValueError, match=match):
         build.check_vocabulary(build.build_run(config))
     config.model.update(vocab_size=64, vocab_dim=64)   # fits: 64 of the 256 rows, 64 wide

@@ -175,13 +175,13 @@ def check_vocabulary(run: Run) -> str | None:
     spec = run.config.vocabulary.checkpoint
     if not cfg.vocab_size or not spec:
         return None
-    from v2flow_jax.models import vocabulary
+    from v2flow_jax.convert import hf_embeddings
     path = resolve_checkpoint_dir(spec)
     try:
-        _, width = vocabulary.check_embedding_table(path, tensor_name=run.config.vocabulary.tensor_name,
-                                                    num_tokens=cfg.vocab_size,
-                                                    first_row=int(run.config.vocabulary.get("first_row", 0)))
-    except vocabulary.VocabularyError as e:
+        _, width = hf_embeddings.check_embedding_table(path, tensor_name=run.config.vocabulary.tensor_name,
+                                                       num_tokens=cfg.vocab_size,
+                                                       first_row=int(run.config.vocabulary.get("first_row", 0)))
+    except hf_embeddings.VocabularyError as e:
         raise type(e)(f"config.vocabulary / config.model.vocab_size={cfg.vocab_size}: {e}") from e
     if width != cfg.vocab_dim:
         raise ValueError(f"config.model.vocab_dim={cfg.vocab_dim} but the table in {path} is {width} wide: "
@@ -194,13 +194,14 @@ def install_vocabulary(run: Run, variables):
     cfg = run.model.config
     if not cfg.vocab_size:
         return variables
+    from v2flow_jax.convert import hf_embeddings
     from v2flow_jax.models import vocabulary
     if not run.config.vocabulary.checkpoint:
         logging.warning("config.vocabulary.checkpoint is empty: using a RANDOM %dx%d vocabulary table.",
                         cfg.vocab_size, cfg.vocab_dim)
         return variables
     path = check_vocabulary(run)
-    table = vocabulary.load_embedding_table(
+    table = hf_embeddings.load_embedding_table(
         path, tensor_name=run.config.vocabulary.tensor_name, num_tokens=cfg.vocab_size,
         first_row=int(run.config.vocabulary.get("first_row", 0)),
         sharding=vocabulary.table_sharding(run.mesh, run.rules))

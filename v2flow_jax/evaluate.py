@@ -93,7 +93,7 @@ def _diagnostic_vocabulary(run: build.Run):
     wide as the codes: that is how the no-vocabulary variant is compared (plain VQ codes in a space
     of the LLM's width, unrelated to its rows).
     """
-    from v2flow_jax.models import vocabulary
+    from v2flow_jax.convert import hf_embeddings
     cfg, mc = run.config, run.model.config
     spec = cfg.vocabulary.checkpoint
     if not spec:
@@ -102,14 +102,14 @@ def _diagnostic_vocabulary(run: build.Run):
     first_row = int(cfg.vocabulary.get("first_row", 0))
     rows = mc.vocab_size or int(cfg.vocabulary.get("diagnostic_rows", 0)) or None
     try:
-        if vocabulary.embedding_table_info(path)[1] != mc.code_dim:
+        if hf_embeddings.embedding_table_info(path)[1] != mc.code_dim:
             return None, None, 0
-        table = np.asarray(vocabulary.load_embedding_table(path, tensor_name=cfg.vocabulary.tensor_name,
-                                                           num_tokens=rows, first_row=first_row))
+        table = np.asarray(hf_embeddings.load_embedding_table(path, tensor_name=cfg.vocabulary.tensor_name,
+                                                              num_tokens=rows, first_row=first_row))
     except (OSError, ValueError) as e:
         logging.warning("No vocabulary-alignment diagnostic: %s", e)
         return None, None, 0
-    return table, vocabulary.load_vocabulary_words(path), first_row
+    return table, hf_embeddings.load_vocabulary_words(path), first_row
 
 
 class Evaluator:
@@ -251,9 +251,10 @@ class Evaluator:
                      r["codebook_usage"], r["codebook_perplexity"], self.run_.model.config.codebook_size,
                      f", vocabulary perplexity {r['vocab_perplexity']:.1f}, token entropy {r['vocab_entropy']:.3f}"
                      if "vocab_perplexity" in r else "",
-                     f", alignment: nearest-row cosine {r['align_nearest_cos']:.3f} (random "
-                     f"{r['align_nearest_cos_random']:.3f}, rows {r['align_nearest_cos_rows']:.3f}), Frechet "
-                     f"{r['align_frechet']:.3f} (random {r['align_frechet_random']:.3f})" if "align_frechet" in r else "",
+                     (f", alignment: nearest-row cosine {r['align_nearest_cos']:.3f} (random "
+                      f"{r['align_nearest_cos_random']:.3f}, rows {r['align_nearest_cos_rows']:.3f}), Frechet "
+                      + (f"{r['align_frechet']:.3f} (random {r['align_frechet_random']:.3f})" if "align_frechet" in r
+                         else "n/a (fewer than 2 codes in use)")) if "align_nearest_cos" in r else "",
                      r["eval_seconds"])
         for i, words in enumerate(r.get("nearest_words", [])):
             logging.info("eval @ step %d: image %d, nearest words of its first tokens: %s", r["step"], i, words)

@@ -87,23 +87,26 @@ _REASONS = SKIP_REASONS + CONVERT_REASONS
 _REASON_INDEX = {r: i for i, r in enumerate(_REASONS)}
 
 # config.data fields this module reads, with the values used when a field is absent.
+# The config.data section: every field with its default, the only copy (config_defaults.base_config
+# reads it). "" means not set (ConfigDict fields keep one type, so unset paths are empty strings).
 DEFAULTS = dict(
-    source="demo",
-    path=None,
-    eval_path=None,
+    source="tfds",              # tfds | folder | demo | latents (cache_latents' array_record parts)
+    path="",                    # folder / latents: the training directory
+    eval_path="",               # folder / latents: the evaluation directory ("" = the training one)
     tfds_name="imagenet2012",
-    tfds_data_dir=None,
+    tfds_data_dir="",
     tfds_image_key="image",
     train_split="train",
     eval_split="validation",
     image_size=256,
-    strict=False,
-    worker_count=0,
-    demo_eval_names=("chelsea", "coffee", "rocket"),
-    demo_grayscale=True,
-    random_crop_scale=(),
-    read_threads=8,
+    strict=False,               # True: a bad image file stops the run (default: skip it, count it)
+    worker_count=8,             # grain worker processes (0 = decode in the main process)
+    read_threads=16,
     prefetch_buffer_size=None,  # None: 2 * max(batch_size, read_threads) decoded images ahead
+    demo_eval_names=("astronaut", "coffee", "chelsea"),
+    demo_grayscale=True,
+    # () = ADM centre crop; (lo, hi) = random square crops of lo..hi of the short side (training only)
+    random_crop_scale=(),
 )
 
 # The demo photos that are grayscale (config.data.demo_grayscale=False leaves them out of training).
@@ -565,7 +568,9 @@ class DataIterator:
 def _get(config_data: Any, name: str) -> Any:
     value = config_data.get(name, None) if hasattr(config_data, "get") else getattr(config_data, name, None)
     # Configs spell "not set" as None or "" (ConfigDict fields keep one type, so paths default to "").
-    return DEFAULTS[name] if value is None or (isinstance(value, str) and not value) else value
+    if value is None or (isinstance(value, str) and not value):
+        value = DEFAULTS[name]
+    return None if isinstance(value, str) and not value else value
 
 
 def demo_photos() -> dict[str, str]:

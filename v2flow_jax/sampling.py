@@ -24,10 +24,14 @@ rounding; `ar_loop` picks):
   "auto" (default) unrolls up to UNROLL_MAX_STEPS steps and scans beyond.
 The noise of step k is one draw of (B * max_leaving, C) from that step's key in both loops (the
 unrolled loop keeps the rows of its exact window), which is what makes the two agree.
+
+The sampler takes the model as closures (`Decoder`: features, condition, velocity), never by method
+name; `tokenizer_decoder(model, variables)` binds the tokenizer's.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -121,10 +125,41 @@ def leaving_window(orders, mask_before, mask_after, max_leaving: int):
     return idx, jnp.broadcast_to(valid, idx.shape)
 
 
-def sample_latent_patches(model, variables, buffer, rng, cfg: SamplerConfig):
-    """buffer (B, n, D_enc) -> latent patches (B, L, C). Pure; jit it (cfg static)."""
+class Decoder(NamedTuple):
+    """What the sampler needs from a model, as closures (maskgit's `decode(tokens_to_logits, ...)` shape):
+    the sampler never names a model method, so other decoders can share it.
+
+    features(buffer, patches, vis_idx, vis_valid, drop, out_idx) -> z (B, M, D): the encoder/decoder pass
+        (out_idx None: all L patches; drop: per-sample dummy buffer, for guidance);
+    condition(z (R, D)) -> the velocity MLP's conditioning of those rows (fixed during an ODE solve);
+    velocity(x (R, C), t (1,), condition) -> v (R, C).
+    """
+    features: Callable
+    condition: Callable
+    velocity: Callable
+    num_patches: int
+    channels: int
+
+
+def tokenizer_decoder(model, variables) -> Decoder:
+    """The V2Flow tokenizer's decoder pieces with its variables bound."""
     mc = model.config
-    L, C = mc.num_patches, mc.latent_channels
+    return Decoder(
+        features=lambda *args: model.apply(variables, *args, method=model.decoder_features),
+        condition=lambda z: model.apply(variables, z, method=model.velocity_condition),
+        velocity=lambda x, t, cond: model.apply(variables, x, t, cond, method=model.velocity_from_condition),
+        num_patches=mc.num_patches, channels=mc.latent_channels)
+
+
+def sample_latent_patches(model, variables, buffer, rng, cfg: SamplerConfig):
+    """buffer (B, n, D_enc) -> latent patches (B, L, C) of the tokenizer `model`. Pure; jit it (cfg static)."""
+    return sample_patches(tokenizer_decoder(model, variables), buffer, rng, cfg)
+
+
+def sample_patches(decoder: Decoder, buffer, rng, cfg: SamplerConfig):
+    """buffer (B, n, D_enc) -> latent patches (B, L, C) by masked AR rectified flow. Pure; jit it (cfg static)."""
+    L, C = decoder.num_patches, decoder.channels
+    decoder_features = decoder.features
     b = buffer.shape[0]
     plan = make_plan(L, cfg)
     order_rng, noise_rng = jax.random.split(rng)
@@ -141,9 +176,6 @@ def sample_latent_patches(model, variables, buffer, rng, cfg: SamplerConfig):
         """Step noise, (B, max_leaving, C): the same draw whichever loop runs."""
         return cfg.temperature * jax.random.normal(key, (b * plan.max_leaving, C), jnp.float32).reshape(b, -1, C)
 
-    def decoder_features(buffer, patches, vis_idx, vis_valid, drop, out_idx):
-        return model.apply(variables, buffer, patches, vis_idx, vis_valid, drop, out_idx, method=model.decoder_features)
-
     def ar_step(patches, vis_idx, vis_valid, out_idx, out_valid, x1, w, first=False):
         """One AR step: encoder/decoder pass, then the guided ODE solve for the rows `out_idx`."""
         if guided and first:
@@ -156,10 +188,10 @@ def sample_latent_patches(model, variables, buffer, rng, cfg: SamplerConfig):
             z_out = decoder_features(buffers, twice(patches), twice(vis_idx), twice(vis_valid), drop,
                                      twice(out_idx))                                          # (B or 2B, M, D)
         # z is fixed during the ODE solve and t is shared by all rows: embed each once.
-        cond_emb = model.apply(variables, z_out.reshape(-1, z_out.shape[-1]), method=model.velocity_condition)
+        cond_emb = decoder.condition(z_out.reshape(-1, z_out.shape[-1]))
 
         def velocity(x, t):
-            v = model.apply(variables, twice(x), t[:1], cond_emb, method=model.velocity_from_condition)
+            v = decoder.velocity(twice(x), t[:1], cond_emb)
             if not guided:
                 return v
             v_cond, v_uncond = jnp.split(v, 2)

@@ -54,20 +54,22 @@ def frechet_distance(a, b, eps: float = 1e-6) -> float:
 
 
 def alignment_report(codes, table, seed: int = 0) -> dict[str, float]:
-    """Both measures for `codes` (N, d) against `table` (V, d), with their references."""
+    """Both measures for `codes` (N, d) against `table` (V, d), with their references. The Frechet
+    distance is left out with fewer than 2 codes (no covariance; JSON has no NaN)."""
     codes, table = unit_rows(codes), unit_rows(table)
     rng = np.random.default_rng(seed)
     random = unit_rows(rng.standard_normal(codes.shape))
     rows = table[rng.choice(table.shape[0], min(table.shape[0], 1024), replace=False)]
     row_sim = rows.astype(np.float32) @ table.astype(np.float32).T
     row_sim[np.arange(rows.shape[0]), np.argmax(row_sim, axis=1)] = -np.inf   # the row itself
-    return {
+    report = {
         "align_nearest_cos": float(nearest_rows(codes, table)[1].mean()),
         "align_nearest_cos_random": float(nearest_rows(random, table)[1].mean()),
         "align_nearest_cos_rows": float(row_sim.max(axis=1).mean()),
-        "align_frechet": frechet_distance(codes, table),
-        "align_frechet_random": frechet_distance(random, table),
     }
+    if len(codes) >= 2:
+        report.update(align_frechet=frechet_distance(codes, table), align_frechet_random=frechet_distance(random, table))
+    return report
 
 
 def nearest_words(codes, table, words, first_row: int = 0) -> list[str]:
