@@ -12,10 +12,20 @@ import os
 
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 from PIL import Image
 
 import tiny_configs
 from v2flow_jax import checkpointing, evaluate, train
+
+
+@pytest.fixture(autouse=True)
+def _absl_info():
+    """absl's own level filters before pytest's caplog sees a record; earlier tests may have raised it."""
+    before = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)
+    yield
+    absl_logging.set_verbosity(before)
 
 
 def _write_photos(folder, first, count):

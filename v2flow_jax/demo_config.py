@@ -13,8 +13,8 @@ evaluation the 3 held-out photos (astronaut, coffee, chelsea), whole, at the sta
 
 What keeps its tokens informative (README, "Keeping the tokens informative"): the information terms
 (vocab_info_weight, code_info_weight), dead-code restarts, and token_skip (each token's row added to
-the decoder rows of the patches it covers). Reconstructions default to the deterministic mean decode
-(the model's one-step estimate of E[x_0 | tokens], one AR step, no guidance); every evaluation also
+the decoder rows of the patches it covers). Reconstructions default to the mean decode (the model's
+one-step estimate of E[x_0 | tokens] from one noise draw, ~0.1 dB from draw to draw; one AR step, no guidance); every evaluation also
 reports one sample, the unguided variant and swapped tokens.
 
 Measured (fresh workdir, 2-core AMD EPYC Zen 3 VM, AVX2, 3 Dec 2026): 5 min 29 s wall for 1500 steps
@@ -51,7 +51,7 @@ def get_config(arg: str = ""):
     c.vocabulary.first_row = 1996     # past BERT's [PAD], 993 [unused] rows and single characters: 'the' on
     c.data.update(source="demo", image_size=64, worker_count=0, read_threads=2, random_crop_scale=(0.15, 1.0),
                   demo_grayscale=False)
-    # The mean decode: deterministic, and the better PSNR at this training level (one sample has
+    # The mean decode: one network evaluation, and the better PSNR at this training level (one sample has
     # about twice its error; guidance costs ~2 dB).
     c.sampler.update(decode="mean", num_ar_steps=1, cfg_scale=1.0, solver_steps=10)
     c.batch_size = 8

@@ -7,8 +7,11 @@ checkpoint, so a killed run restarted with the same command continues exactly wh
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
+import signal
+import threading
 import time
 
 import jax
@@ -178,6 +181,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return result
 
 
+@contextlib.contextmanager
+def _interrupt_after():
+    """Holds a Ctrl-C back until the block ends: a KeyboardInterrupt inside orbax's save leaves its writer
+    threads half-started, and their errors then print after the user's traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 def _close_quietly(ckpt) -> None:
     """Finishes the pending write (the step saved before a failing evaluation is kept), then closes the
     checkpointer; on this error path its own errors are logged and must not hide the real one."""
@@ -294,7 +314,8 @@ def _train(run, tx, ckpt, train_iter, num_train, evaluator, abstract, state_sh, 
                                          f"{done}; lower config.optim.base_lr or use model.dtype='float32'.")
         last = done == config.num_steps
         if last or ckpt.due(done):  # the iterator state is serialised only when a checkpoint is written
-            ckpt.save(done, state, data_state=train_iter.get_state(), config=config, force=last)
+            with _interrupt_after():
+                ckpt.save(done, state, data_state=train_iter.get_state(), config=config, force=last)
         if done % config.eval_every == 0 or last:   # after the save: a failing evaluation loses nothing
             metrics_json = evaluate_at(done)
     writer.flush()
