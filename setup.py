@@ -20,13 +20,15 @@ INSTALL_REQUIRES = [
     "scikit-image",     # the bundled demo photos
     "tensorflow-cpu>=2.21",  # clu metric writers and tfds ImageFolder need it
     "tensorboard>=2.21",
+    "gguf>=0.19.0",     # reading llama.cpp GGUF LLaMA files (v2flow_jax/convert/gguf_llama.py)
 ]
 
 EXTRAS = {
     # torch is only an oracle for tests (transformers LLaMA, diffusers DC-AE): pin the CPU wheel.
     # transformers writes the LLaMA checkpoints the vocabulary loader is tested on (runtime code reads
     # them with safetensors alone).
-    "test": ["pytest>=8", "pytest-xdist", "torch==2.13.0", "diffusers>=0.42", "transformers>=5.0"],
+    # accelerate: transformers' GGUF loader (the oracle of tests/test_gguf_llama.py) needs it.
+    "test": ["pytest>=8", "pytest-xdist", "torch==2.13.0", "diffusers>=0.42", "transformers>=5.0", "accelerate>=1.0"],
 }
 
 setuptools.setup(

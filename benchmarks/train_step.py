@@ -84,7 +84,7 @@ def measure(name: str, repeats: int, dtype: str, dropout: float, peak: float):
     config = bench_config(name, dtype, dropout)
     run = build.build_run(config)
     tx = train.make_optimizer(config)
-    state, frozen, state_sh = train_state.init_state(run, tx, 0)
+    state, state_sh = train_state.init_state(run, tx, 0)
     cfg = run.model.config
     if name == "tiny":
         batch = {"image": np.random.uniform(-1, 1, (config.batch_size, config.image_size, config.image_size, 3))
@@ -94,7 +94,8 @@ def measure(name: str, repeats: int, dtype: str, dropout: float, peak: float):
                                                   cfg.latent_channels)).astype(np.float32)}
     batch = sharding.put_batch(batch, run.mesh)
     t0 = time.perf_counter()
-    step_fn, flops = train.compile_train_step(run, tx, state, state_sh, frozen, batch)
+    step_fn, flops = train.compile_train_step(run, tx, state, state_sh, batch)
+    constants = run.constants
     compile_s = time.perf_counter() - t0
     mem = step_fn.memory_analysis()
     peak_bytes = 0
@@ -102,13 +103,13 @@ def measure(name: str, repeats: int, dtype: str, dropout: float, peak: float):
         peak_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                       - mem.alias_size_in_bytes)
     for _ in range(3):
-        state, metrics = step_fn(state, batch, frozen)
+        state, metrics = step_fn(state, batch, constants)
     jax.block_until_ready(state)
     times = []
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(repeats):
         t = time.perf_counter()
-        state, metrics = step_fn(state, batch, frozen)
+        state, metrics = step_fn(state, batch, constants)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / repeats

@@ -33,9 +33,9 @@ def tok(workdir):
 @pytest.fixture(scope="module")
 def images():
     """Three 32x32 uint8 photos (the demo's held-out ones, centre-cropped like the pipeline does)."""
-    from v2flow_jax import input_pipeline
-    photos = input_pipeline.demo_photos()
-    return np.stack([input_pipeline.adm_center_crop(Image.open(photos[name]), 32)
+    from v2flow_jax.data import decoding, sources
+    photos = sources.demo_photos()
+    return np.stack([decoding.adm_center_crop(Image.open(photos[name]), 32)
                      for name in ("astronaut", "coffee", "chelsea")])
 
 

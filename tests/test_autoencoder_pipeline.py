@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 import tiny_configs
-from v2flow_jax import build, demo_config, input_pipeline
+from v2flow_jax import build, demo_config
 from v2flow_jax.api import Tokenizer
+from v2flow_jax.data import decoding, sources
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -69,8 +70,8 @@ def tok(checkpoint):
 @pytest.fixture(scope="module")
 def images():
     """Four 32x32 uint8 demo photos, centre-cropped like the pipeline."""
-    photos = input_pipeline.demo_photos()
-    return np.stack([input_pipeline.adm_center_crop(Image.open(photos[name]), IMAGE_SIZE)
+    photos = sources.demo_photos()
+    return np.stack([decoding.adm_center_crop(Image.open(photos[name]), IMAGE_SIZE)
                      for name in ("astronaut", "coffee", "chelsea", "rocket")])
 
 

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from v2flow_jax import cache_latents, demo_config, input_pipeline
+from v2flow_jax.data import decoding, latent_records, sources
 
 import tiny_configs
 
@@ -45,7 +46,7 @@ def md5s(out_dir):
 
 def records(out_dir):
     return [r for p in sorted(glob.glob(os.path.join(out_dir, "*.array_record")))
-            for r in input_pipeline.iterate_latent_shard(p)]
+            for r in latent_records.iterate_latent_shard(p)]
 
 
 def copy_interrupted(out_dir, dst, complete):
@@ -61,8 +62,8 @@ def copy_interrupted(out_dir, dst, complete):
 
 def expected_latents(config):
     """(originals, flips) computed here: the pipeline's decode, the ADM crop and a numpy patchify."""
-    photos = input_pipeline.demo_photos()
-    names = input_pipeline.demo_split_names(config.data, "train")
+    photos = sources.demo_photos()
+    names = sources.demo_split_names(config.data, "train")
     size, p = config.image_size, config.autoencoder.patch_size
 
     def patchify(x):
@@ -71,8 +72,8 @@ def expected_latents(config):
 
     originals, flips = [], []
     for name in names:
-        rgb, _ = input_pipeline.load_image(photos[name])
-        crop = input_pipeline.adm_center_crop(Image.fromarray(rgb), size).astype(np.float32) / 127.5 - 1.0
+        rgb, _ = decoding.load_image(photos[name])
+        crop = decoding.adm_center_crop(Image.fromarray(rgb), size).astype(np.float32) / 127.5 - 1.0
         originals.append(patchify(crop))
         flips.append(patchify(crop[:, ::-1]))
     return originals, flips
@@ -90,7 +91,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_parts_summary_and_records(uninterrupted):
     out_dir, summary, sums, config = uninterrupted
-    n = len(input_pipeline.demo_split_names(config.data, "train"))
+    n = len(sources.demo_split_names(config.data, "train"))
     parts = -(-n // PER_PART)
     assert summary["split"] == "train" and summary["host"] == 0
     assert summary["images"] == n and summary["records"] == 2 * n and summary["parts"] == parts
@@ -100,7 +101,7 @@ def test_parts_summary_and_records(uninterrupted):
     with open(os.path.join(out_dir, "train-host000.done.json")) as f:
         assert json.load(f) == summary
     # Every part holds PER_PART images (2 records each), the last one the rest.
-    sizes = [len(list(input_pipeline.iterate_latent_shard(os.path.join(out_dir, name)))) for name in sorted(sums)]
+    sizes = [len(list(latent_records.iterate_latent_shard(os.path.join(out_dir, name)))) for name in sorted(sums)]
     assert sizes == [2 * PER_PART] * (parts - 1) + [2 * (n - PER_PART * (parts - 1))]
 
 
@@ -199,7 +200,7 @@ def test_real_sigkill_then_resume_matches_uninterrupted(tmp_path):
         pytest.skip("the caching job finished before the kill three times (the deterministic kill tests cover it)")
     config = demo_cache_config(per_part=1)
     assert 1 <= cache_latents.complete_parts(str(out), "train", 0) < len(
-        input_pipeline.demo_split_names(config.data, "train"))
+        sources.demo_split_names(config.data, "train"))
     summary = cache_latents.run(config, str(killed_dir))
     full_dir = tmp_path / "full"
     assert cache_latents.run(config, str(full_dir)) == summary
@@ -226,12 +227,14 @@ def test_training_reads_the_cached_latents(uninterrupted):
 
     # Evaluation on cached latents shows the originals through the autoencoder's decoder: the photos.
     from v2flow_jax import build
+    from v2flow_jax.models import autoencoders
     run = build.build_run(config)
-    pixels = np.asarray(build.decode_latents(run, batches[0]["latent"][0::2] * run.autoencoder.scale))
-    photos = input_pipeline.demo_photos()
-    crops = [input_pipeline.adm_center_crop(Image.fromarray(input_pipeline.load_image(photos[name])[0]), 64)
-             for name in input_pipeline.demo_split_names(config.data, "train")[:4]]
+    pixels = np.asarray(autoencoders.latents_to_images(run.autoencoder, run.ae_params,
+                                                      batches[0]["latent"][0::2] * run.autoencoder.scale))
+    photos = sources.demo_photos()
+    crops = [decoding.adm_center_crop(Image.fromarray(decoding.load_image(photos[name])[0]), 64)
+             for name in sources.demo_split_names(config.data, "train")[:4]]
     np.testing.assert_allclose(pixels, np.stack(crops).astype(np.float32) / 127.5 - 1.0, atol=1e-6)
     # The train step's input: the cached latents times the autoencoder scale (1 for pixels).
     from v2flow_jax import train
-    np.testing.assert_array_equal(np.asarray(train.batch_latents(run, batches[0])), batches[0]["latent"])
+    np.testing.assert_array_equal(np.asarray(train.batch_latents(run, run.ae_params, batches[0])), batches[0]["latent"])

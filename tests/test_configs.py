@@ -60,3 +60,15 @@ def test_demo_arguments():
     assert c.num_steps == c.eval_every == 40
     with pytest.raises(ValueError, match="unknown config argument 'res'"):
         demo_config.get_config("res=512")
+
+
+def test_an_override_of_a_missing_field_is_one_line_not_a_traceback(tmp_path):
+    """`--config.<typo>=...` on main's command line: ml_collections raises a bare AttributeError while the
+    flag is defined; main turns it into one line that names the flag and where the fields are."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "v2flow_jax.main", f"--workdir={tmp_path}", "--config.num_stepz=3"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode != 0
+    assert "--config.num_stepz names a field the config does not have" in proc.stderr
+    assert "Traceback" not in proc.stderr and not os.listdir(tmp_path)

@@ -8,6 +8,7 @@ from PIL import Image
 import pytest
 
 from v2flow_jax import input_pipeline as ip
+from v2flow_jax.data import decoding, latent_records, settings, sources
 
 S = 16  # image size for pipeline tests: small keeps decode time out of the test budget
 
@@ -86,7 +87,7 @@ def test_adm_crop_box_halves_a_2s_by_4s_image_first():
     s = 32
     rng = np.random.default_rng(1)
     arr = rng.integers(0, 256, (2 * s, 4 * s, 3), dtype=np.uint8)  # short side exactly 2S
-    out = ip.adm_center_crop(Image.fromarray(arr), s)
+    out = decoding.adm_center_crop(Image.fromarray(arr), s)
     assert out.shape == (s, s, 3) and out.dtype == np.uint8
     # Independent re-derivation: 2x2 block means (= one box halving), then the centre S columns.
     halved = arr.reshape(s, 2, 2 * s, 2, 3).astype(np.float64).mean(axis=(1, 3))
@@ -102,24 +103,24 @@ def test_adm_crop_matches_pil_rederivation():
     # 100x150 (H x W), S=64: no halving (100 < 128); bicubic to 64x96 (W x H = 96 x 64); crop columns 16:80.
     arr = rng.integers(0, 256, (100, 150, 3), dtype=np.uint8)
     expected = np.asarray(Image.fromarray(arr).resize((96, 64), Image.BICUBIC))[:, 16:80]
-    np.testing.assert_array_equal(ip.adm_center_crop(Image.fromarray(arr), 64), expected)
+    np.testing.assert_array_equal(decoding.adm_center_crop(Image.fromarray(arr), 64), expected)
     # 300x200 (H x W), S=48: halve to 150x100 (100 >= 96), again to 75x50 (50 < 96 stops); bicubic to
     # 72x48; crop rows 12:60.
     arr = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)
     img = Image.fromarray(arr).resize((100, 150), Image.BOX).resize((50, 75), Image.BOX)
     expected = np.asarray(img.resize((48, 72), Image.BICUBIC))[12:60]
-    np.testing.assert_array_equal(ip.adm_center_crop(Image.fromarray(arr), 48), expected)
+    np.testing.assert_array_equal(decoding.adm_center_crop(Image.fromarray(arr), 48), expected)
     # A tiny image is enlarged.
-    assert ip.adm_center_crop(Image.fromarray(arr[:5, :5]), 48).shape == (48, 48, 3)
+    assert decoding.adm_center_crop(Image.fromarray(arr[:5, :5]), 48).shape == (48, 48, 3)
 
 
 def test_load_image_conversions(messy_folder, tmp_path):
     root, _ = messy_folder
-    arr, notes = ip.load_image(root / "d_rgba.png")
+    arr, notes = decoding.load_image(root / "d_rgba.png")
     assert notes == ("alpha",) and arr.shape == (40, 48, 3) and (arr == 255).all()  # composited on white
-    arr, notes = ip.load_image(root / "e_gray16.png")
+    arr, notes = decoding.load_image(root / "e_gray16.png")
     assert notes == ("16bit", "grayscale") and (arr == 128).all()  # scaled, not clipped at 255
-    arr, notes = ip.load_image(root / "f_rgb16.png")
+    arr, notes = decoding.load_image(root / "f_rgb16.png")
     assert notes == ("16bit",) and arr.dtype == np.uint8
     rng = np.random.default_rng(3)
     rgb = Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
@@ -127,10 +128,10 @@ def test_load_image_conversions(messy_folder, tmp_path):
               "la.png": (rgb.convert("LA"), ("alpha", "grayscale")), "bw.png": (rgb.convert("1"), ("grayscale",))}
     for name, (img, want) in others.items():
         img.save(tmp_path / name)
-        arr, notes = ip.load_image(tmp_path / name)
+        arr, notes = decoding.load_image(tmp_path / name)
         assert notes == want and arr.shape == (20, 24, 3) and arr.dtype == np.uint8, name
-    with pytest.raises(ip.BadImageError, match="h_text.png") as err:
-        ip.load_image(root / "h_text.png")
+    with pytest.raises(decoding.BadImageError, match="h_text.png") as err:
+        decoding.load_image(root / "h_text.png")
     assert err.value.reason == "unsupported"
 
 
@@ -143,16 +144,16 @@ def test_exif_orientation_is_applied(tmp_path, suffix, orientation, corner):
     arr = np.zeros((20, 30, 3), np.uint8)
     arr[:6, :6] = 255
     exif = Image.Exif()
-    exif[ip.EXIF_ORIENTATION] = orientation
+    exif[decoding.EXIF_ORIENTATION] = orientation
     path = tmp_path / f"photo{suffix}"
     Image.fromarray(arr).save(path, exif=exif, **({"quality": 95} if suffix == ".jpg" else {}))
-    out, notes = ip.load_image(path)
+    out, notes = decoding.load_image(path)
     assert out.shape == ((30, 20, 3) if orientation in (6, 8) else (20, 30, 3))
     assert notes == (() if orientation == 1 else ("oriented",))
     rows = slice(0, 4) if corner[0] == 0 else slice(-4, None)
     cols = slice(0, 4) if corner[1] == 0 else slice(-4, None)
     assert out[rows, cols].mean() > 240 and out.mean() < 60   # the block is there, and only there
-    assert "oriented" in ip.CONVERT_REASONS
+    assert "oriented" in decoding.CONVERT_REASONS
 
 
 # ---------------------------------------------------------------------------------------------- demo
@@ -163,9 +164,9 @@ def test_demo_batches_and_disjoint_splits():
 
     # The way configs hold it: a ConfigDict with "" for unset paths.
     cfg = ml_collections.ConfigDict(_data(source="demo", path="", eval_path="", tfds_data_dir=""))
-    train_names = ip.demo_split_names(cfg, "train")
-    eval_names = ip.demo_split_names(cfg, "eval")
-    assert sorted(eval_names) == sorted(ip.DEFAULTS["demo_eval_names"])
+    train_names = sources.demo_split_names(cfg, "train")
+    eval_names = sources.demo_split_names(cfg, "eval")
+    assert sorted(eval_names) == sorted(settings.DEFAULTS["demo_eval_names"])
     assert not set(train_names) & set(eval_names) and len(train_names) >= 10
 
     iterator, n = _make(cfg, batch_size=4)
@@ -323,7 +324,7 @@ def test_tfds_source_on_a_local_array_record_dataset(tmp_path):
     eval_iter, n_eval = _make(cfg, split="eval", batch_size=1, train=False)
     got = np.concatenate([b["image"] for b in eval_iter])
     assert n_eval == 2 and got.shape == (2, S, S, 3)
-    ref = np.stack([ip.adm_center_crop(Image.fromarray(a), S) for a in images["validation"]])
+    ref = np.stack([decoding.adm_center_crop(Image.fromarray(a), S) for a in images["validation"]])
     ref = ref.astype(np.float32) / 127.5 - 1
     # tfds may store the split in any order: match each output to one reference image.
     assert (np.abs(got[:, None] - ref[None]).max(axis=(2, 3, 4)) < 1e-6).any(1).all()
@@ -339,14 +340,16 @@ def test_latent_shards_round_trip(tmp_path):
     rng = np.random.default_rng(6)
     latents = [rng.standard_normal((4, 4, 8)).astype(np.float16) for _ in range(3)]
     items = [x for lat in latents for x in (lat, lat[:, ::-1])]  # each latent and its flipped copy
-    assert ip.write_latent_shard(tmp_path / "train-00000.array_record", items) == 6
+    assert latent_records.write_latent_shard(tmp_path / "train-00000.array_record", items) == 6
     f32 = [rng.standard_normal((4, 4, 8)).astype(np.float32) for _ in range(2)]
-    assert ip.write_latent_shard(tmp_path / "train-00001.array_record", f32) == 2
-    for got, want in zip(ip.iterate_latent_shard(tmp_path / "train-00000.array_record"), items):
+    assert latent_records.write_latent_shard(tmp_path / "train-00001.array_record", f32) == 2
+    for got, want in zip(latent_records.iterate_latent_shard(tmp_path / "train-00000.array_record"), items):
         assert got.dtype == np.float16
         np.testing.assert_array_equal(got, want)
 
-    cfg = _data(source="latents", path=str(tmp_path / "train-*.array_record"))
+    # The caching job's sidecar files (parts / done markers) beside the parts: a loose glob skips them.
+    (tmp_path / "train-host000.done.json").write_text("{}")
+    cfg = _data(source="latents", path=str(tmp_path / "train-*"))
     iterator, n = _make(cfg, batch_size=4, train=False)
     batches = [b["latent"] for b in iterator]
     assert n == 8 and [b.shape for b in batches] == [(4, 4, 4, 8)] * 2 and batches[0].dtype == np.float32
@@ -355,7 +358,7 @@ def test_latent_shards_round_trip(tmp_path):
     assert [next(train_iter)["latent"].shape for _ in range(4)] == [(3, 4, 4, 8)] * 4
 
     with pytest.raises(ValueError, match="h, w, C"):
-        ip.encode_latent(np.zeros((4, 4)))
+        latent_records.encode_latent(np.zeros((4, 4)))
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -374,7 +377,7 @@ def test_config_errors_name_the_field(tmp_path):
         _make(_data(source="folder", path="", eval_path=""), split="eval")
     with pytest.raises(ValueError, match=r"contains no image files"):
         _make(_data(source="folder", path=str(tmp_path)))
-    with pytest.raises(ValueError, match=r"config.data.path=.*matches no files"):
+    with pytest.raises(ValueError, match=r"config.data.path=.*matches no .array_record files"):
         _make(_data(source="latents", path=str(tmp_path / "*.array_record")))
     with pytest.raises(ValueError, match=r"config.data.demo_eval_names"):
         _make(_data(source="demo", demo_eval_names=("no_such_photo",)))

@@ -159,6 +159,38 @@ def test_deterministic_encode_and_buffers_from_indices():
     np.testing.assert_allclose(np.asarray(buf_ids), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pool", [1, 2])
+def test_token_readout_loss_matches_numpy(pool):
+    """token_recon_weight: the training-only linear readout of each quantized token, scored against the
+    latent pixels of its cell. Re-derived in numpy with the cell of each patch taken from the decoder's
+    own patch -> token map (mar.patch_to_token), and the loss term added with its weight."""
+    from v2flow_jax.models.mar import patch_to_token
+    cfg = dataclasses.replace(TINY_CFG, pool=pool, token_recon_weight=0.5)
+    model = tok.V2FlowTokenizer(cfg)
+    x = latents(seed=3, cfg=cfg)
+    rngs = {"params": jax.random.key(0), "sample": jax.random.key(1), "dropout": jax.random.key(2)}
+    variables = nn.unbox(model.init(rngs, x, train=False))
+    readout = variables["params"]["token_readout"]
+    assert readout["kernel"].shape == (cfg.code_dim, pool * pool * cfg.latent_channels)
+
+    enc = model.apply(variables, x, method=tok.V2FlowTokenizer.encode)
+    got = model.apply(variables, enc["codes"], x, method=tok.V2FlowTokenizer.token_recon_loss)
+    pred = np.asarray(enc["codes"], np.float64) @ np.asarray(readout["kernel"], np.float64) + readout["bias"]
+    pred = pred.reshape(BATCH, cfg.num_tokens, pool * pool, cfg.latent_channels)
+    owner = patch_to_token(cfg.num_patches, cfg.num_tokens)
+    patches = x.reshape(BATCH, cfg.num_patches, cfg.latent_channels)
+    err = []
+    for t in range(cfg.num_tokens):
+        cell = patches[:, owner == t]                 # the token's patches in raster order
+        err.append((pred[:, t] - cell) ** 2)
+    np.testing.assert_allclose(float(got), np.mean(np.concatenate(err, axis=1)), rtol=1e-5)
+
+    (loss, aux), _ = model.apply(variables, x, train=True, mutable=["vq"], rngs=rngs)
+    without = float(aux["flow_loss"]) + cfg.commit_weight * float(aux["commit_loss"])
+    np.testing.assert_allclose(float(loss), without + 0.5 * float(aux["token_recon_loss"]), rtol=1e-5)
+    assert "token_readout" not in tok.V2FlowTokenizer(TINY_CFG).init(rngs, x, train=False)["params"]
+
+
 VOCAB = dict(vocab_size=64, vocab_dim=32)
 
 

@@ -272,22 +272,22 @@ def test_nonfinite_step_leaves_the_model_untouched():
     config = tiny_config(**{"optim.warmup_steps": 0})   # batch 8 over the 8 virtual devices; lr > 0 at once
     run = build.build_run(config)
     tx = train.make_optimizer(config)
-    state, frozen, state_sh = train_state.init_state(run, tx, 0)
+    state, state_sh = train_state.init_state(run, tx, 0)
     images = np.random.RandomState(0).uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)
     good = sharding.put_batch({"image": images}, run.mesh)
     poisoned = images.copy()
     poisoned[3, 5, 7, 1] = np.nan
     bad = sharding.put_batch({"image": poisoned}, run.mesh)
-    step_fn, _ = train.compile_train_step(run, tx, state, state_sh, frozen, good)
+    step_fn, _ = train.compile_train_step(run, tx, state, state_sh, good)
     model_parts = lambda s: jax.tree.map(np.asarray, (s.params, s.opt_state, s.ema_params, s.vq))
     before = model_parts(state)   # copied out: the step donates its input state
 
-    state, metrics = step_fn(state, bad, frozen)
+    state, metrics = step_fn(state, bad, run.constants)
     assert float(metrics["nonfinite"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
     assert int(state.step) == 1
     _assert_trees_close(model_parts(state), before, atol=0.0)
 
-    state, metrics = step_fn(state, good, frozen)
+    state, metrics = step_fn(state, good, run.constants)
     assert float(metrics["nonfinite"]) == 0.0 and int(state.step) == 2
     params, opt_state, ema, vq = model_parts(state)
     for name, new, old in (("params", params, before[0]), ("opt_state", opt_state, before[1]),
@@ -358,7 +358,8 @@ def test_parameter_table_adds_up(vocab):
 
     # An independent count of the variables the trainer creates.
     tx = train.make_optimizer(config)
-    (state, frozen) = nn.unbox(jax.eval_shape(lambda r: train_state.init_state_tree(run, tx, jax.random.split(r)), jax.random.key(0)))
+    state = nn.unbox(jax.eval_shape(lambda r: train_state.init_state_tree(run, tx, jax.random.split(r)), jax.random.key(0)))
+    frozen = run.frozen
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
     trained = sum(n for n, how in rows.values() if how == "trained")
     assert rows["**trained total**"][0] == trained == count(state.params)

@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from v2flow_jax import sharding  # noqa: E402
+from v2flow_jax.convert import hf_checkpoint  # noqa: E402
 from v2flow_jax.convert import hf_embeddings as hf  # noqa: E402
 from v2flow_jax.models import vocabulary as voc  # noqa: E402
 
@@ -140,8 +141,8 @@ def test_vocabulary_words_from_tokenizer_json_and_vocab_txt(tmp_path):
 @pytest.mark.parametrize("num_tokens", [None, 128])
 def test_sharded_placement_reads_only_blocks(ckpts, mesh, monkeypatch, num_tokens):
     reads = []
-    full_index = hf._full_index
-    monkeypatch.setattr(hf, "_full_index", lambda i, s: reads.append(full_index(i, s)) or reads[-1])
+    full_index = hf_checkpoint.full_index
+    monkeypatch.setattr(hf_checkpoint, "full_index", lambda i, s: reads.append(full_index(i, s)) or reads[-1])
     spec = voc.table_sharding(mesh, sharding.DEFAULT_RULES)
     assert spec.spec == P("tensor", "fsdp")
     table = hf.load_embedding_table(ckpts["root"] / "bf16", sharding=spec, num_tokens=num_tokens)
@@ -173,7 +174,7 @@ def test_error_missing_dir(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="nope.*does not exist"):
         hf.load_embedding_table(missing)
-    with pytest.raises(voc.VocabularyError, match="nope"):
+    with pytest.raises(hf_checkpoint.CheckpointError, match="nope"):
         hf.embedding_table_info(missing)
 
 
@@ -206,7 +207,7 @@ def test_error_missing_shard(ckpts, tmp_path):
 @pytest.mark.parametrize("layout, where", [("single", "model.safetensors"),
                                            ("sharded", "model.safetensors.index.json")])
 def test_error_tensor_not_found(ckpts, layout, where):
-    with pytest.raises(voc.VocabularyError) as e:
+    with pytest.raises(hf_checkpoint.CheckpointError) as e:
         hf.load_embedding_table(ckpts["root"] / layout, tensor_name="model.wte.weight")
     msg = str(e.value)
     assert "'model.wte.weight'" in msg and where in msg and "tensor_name=" in msg
@@ -349,3 +350,21 @@ def test_training_refuses_a_misfit_vocabulary_before_allocating(ckpts, monkeypat
     with pytest.raises(ValueError, match=r"vocab_size=300"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_run_frozen_reads_the_table_into_its_sharding_without_a_placeholder(ckpts, monkeypatch):
+    """`build.Run.frozen` (the composition root): the configured rows of the file, on the mesh with the
+    vocabulary's sharding, and no random placeholder initialised first (sharded_init never runs)."""
+    import tiny_configs
+    from v2flow_jax import build
+    config = tiny_configs.tiny_config(vocab=True, mesh=[("data", 2), ("fsdp", 2), ("tensor", 2)])
+    config.model.update(vocab_size=64, vocab_dim=WIDTH)
+    config.vocabulary.update(checkpoint=str(ckpts["root"] / "sharded"), tensor_name="model.embed_tokens.weight",
+                             first_row=8)
+    run = build.build_run(config)
+    monkeypatch.setattr(sharding, "sharded_init", lambda *a, **k: pytest.fail("a placeholder table was initialised"))
+    table = run.frozen["vocabulary"]["table"]
+    np.testing.assert_array_equal(np.asarray(table), ckpts["ref"][8:72])
+    assert table.sharding == voc.table_sharding(run.mesh, run.rules)
+    assert run.frozen is run.variables({}, {})["frozen"]       # read once, shared by every consumer
+    assert run.constants["frozen"] is run.frozen

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from v2flow_jax import build, checkpointing, sampling, sharding, train_state
+from v2flow_jax.models import autoencoders
 from v2flow_jax.models import tokenizer as tokenizer_lib
 
 
@@ -31,7 +32,7 @@ def as_model_images(images, image_size: int, value_range=(-1, 1)) -> np.ndarray:
     Accepted: uint8 (0..255), or floats in `value_range` ((-1, 1) by default; (0, 1) and (0, 255) are
     rescaled), with S = the config's image_size. Other integer dtypes, values outside the range, NaN or
     inf pixels, grayscale or RGBA arrays and other sizes are refused with the fix in the message (resize
-    and centre-crop with `input_pipeline.adm_center_crop` on a PIL image). An empty batch (B = 0) is allowed.
+    and centre-crop with `v2flow_jax.data.decoding.adm_center_crop` on a PIL image). An empty batch (B = 0) is allowed.
     """
     x = np.asarray(images)
     expected = f"(B, {image_size}, {image_size}, 3)"
@@ -42,7 +43,7 @@ def as_model_images(images, image_size: int, value_range=(-1, 1)) -> np.ndarray:
     if x.shape[1:3] != (image_size, image_size):
         raise ValueError(f"images are {x.shape[1]}x{x.shape[2]} but this tokenizer works at {image_size}x{image_size} "
                          "(config.image_size): resize them first, e.g. with "
-                         f"v2flow_jax.input_pipeline.adm_center_crop(PIL.Image.open(path), {image_size}).")
+                         f"v2flow_jax.data.decoding.adm_center_crop(PIL.Image.open(path), {image_size}).")
     if x.dtype == np.uint8:
         return x.astype(np.float32) / 127.5 - 1.0
     if not np.issubdtype(x.dtype, np.floating):
@@ -77,10 +78,10 @@ class Tokenizer:
         self.variables = variables if variables is not None else _init_variables(self.run)
         self.sampler = self.run.sampler
         self._dp = sharding.data_parallel_size(self.run.mesh)
-        run = self.run
-        self._encode = jax.jit(lambda v, x: run.model.apply(v, build.encode_images(run, x), method=run.model.encode)["indices"])
-        self._encode_latents = jax.jit(lambda v, z: run.model.apply(v, z * run.autoencoder.scale,
-                                                                    method=run.model.encode)["indices"])
+        model, ae = self.run.model, self.run.autoencoder
+        self._encode = jax.jit(lambda v, a, x: model.apply(v, autoencoders.images_to_latents(ae, a, x),
+                                                           method=model.encode)["indices"])
+        self._encode_latents = jax.jit(lambda v, a, z: model.apply(v, z * ae.scale, method=model.encode)["indices"])
         self._decode = jax.jit(self._decode_fn, static_argnames=("cfg", "to_pixels"))
         self._reconstruct = jax.jit(self._reconstruct_fn, static_argnames=("cfg",))
 
@@ -101,22 +102,21 @@ class Tokenizer:
         abstract = train_state.abstract_inference_variables(run)
         key = train_state.inference_params_key(config, use_ema)
         restored = ckpt.restore_subtree(step, {key: abstract["params"], "vq": abstract["vq"]})
-        # Only the frozen table is initialised here; params and codebook come from the checkpoint.
-        variables = {"frozen": train_state.init_frozen(run), "params": restored[key], "vq": restored["vq"]}
-        variables = build.install_vocabulary(run, variables)
-        tok = cls(config, variables, run=run)
+        # Params and codebook come from the checkpoint, the frozen table from its own file (run.frozen).
+        tok = cls(config, run.variables(restored[key], restored["vq"]), run=run)
         tok.step = int(step)
         return tok
 
     # ---------------------------------------------------------------------------------- pieces
-    def _decode_fn(self, variables, indices, rng, cfg, to_pixels=True):
+    def _decode_fn(self, variables, ae_params, indices, rng, cfg, to_pixels=True):
         latents = sampling.decode_indices(self.run.model, variables, indices, rng, cfg)
-        return build.decode_latents(self.run, latents) if to_pixels else latents
+        return autoencoders.latents_to_images(self.run.autoencoder, ae_params, latents) if to_pixels else latents
 
-    def _reconstruct_fn(self, variables, images, rng, cfg):
-        latents = build.encode_images(self.run, images)
+    def _reconstruct_fn(self, variables, ae_params, images, rng, cfg):
+        ae = self.run.autoencoder
+        latents = autoencoders.images_to_latents(ae, ae_params, images)
         recon, _ = sampling.reconstruct_latents(self.run.model, variables, latents, rng, cfg)
-        return build.decode_latents(self.run, recon)
+        return autoencoders.latents_to_images(ae, ae_params, recon)
 
     @property
     def num_tokens(self) -> int:
@@ -134,7 +134,7 @@ class Tokenizer:
         if rows != n:
             x = np.concatenate([x, np.repeat(x[-1:], rows - n, axis=0)])
         with sharding.use_mesh(self.run.mesh, self.run.rules):
-            out = fn(self.variables, sharding.put_batch(x, self.run.mesh), *args)
+            out = fn(self.variables, self.run.ae_params, sharding.put_batch(x, self.run.mesh), *args)
         return np.asarray(out)[:n]
 
     def _sampler_cfg(self, overrides):
@@ -183,11 +183,12 @@ class Tokenizer:
 
 
 def _init_variables(run: build.Run):
-    """Fresh variables created in their shardings (never whole on one device), vocabulary installed."""
-    init_rng = train_state.init_rngs(run.config.seed)[0]
-    variables, _ = sharding.sharded_init(lambda r: tokenizer_lib.init_variables(run.model, r), run.mesh,
-                                         run.rules, init_rng)
-    return build.install_vocabulary(run, variables)
+    """Fresh variables created in their shardings (never whole on one device), the vocabulary from run.frozen."""
+    def init(rng):
+        v = tokenizer_lib.init_variables(run.model, rng)
+        return {"params": v["params"], "vq": v["vq"]}
+    variables, _ = sharding.sharded_init(init, run.mesh, run.rules, build.init_rngs(run.config.seed)[0])
+    return run.variables(variables["params"], variables["vq"])
 
 
 def _read_config(ckpt: checkpointing.Checkpointer, step: int) -> dict:
@@ -203,4 +204,4 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     from v2flow_jax import evaluate
     tok = Tokenizer.from_workdir(workdir, config=config, use_ema=config.eval.use_ema)
     v = tok.variables
-    return evaluate.Evaluator(tok.run, workdir).run(v["params"], v["vq"], v.get("frozen", {}), step=tok.step)
+    return evaluate.Evaluator(tok.run, workdir).run(v["params"], v["vq"], step=tok.step)

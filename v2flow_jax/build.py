@@ -1,10 +1,16 @@
-"""From a run config to the objects every mode needs: mesh, tokenizer, autoencoder, vocabulary table.
+"""The composition root: from a run config to the parts every mode uses, ready to use.
 
-Validation happens here, once, with errors that name the config field and the fix.
+`build_run(config)` returns a `Run`: the mesh and its rules, the tokenizer, the sampler settings, the
+autoencoder with its parameters on the mesh, and (built on first use) the 'frozen' collection with the
+LLM vocabulary already installed. Trainer, evaluator, latent caching and the API take a `Run`; none
+re-derives these. Jitted functions receive `run.constants` (frozen tables and autoencoder parameters) as
+an argument with its shardings, never as closed-over constants. Validation happens here, once, with errors
+that name the config field and the fix.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 from typing import Any
@@ -12,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from absl import logging
+from flax import linen as nn
 
 from v2flow_jax import sharding
 from v2flow_jax.config_defaults import MODES
@@ -28,7 +35,27 @@ class Run:
     model: tokenizer_lib.V2FlowTokenizer
     sampler: SamplerConfig
     autoencoder: Any
-    ae_params: Any
+    ae_params: Any       # on the mesh (replicated); {} for the pixel / identity spaces
+
+    @functools.cached_property
+    def frozen(self):
+        """The model's 'frozen' collection in its shardings, the LLM vocabulary installed (read once)."""
+        return frozen_variables(self)
+
+    @property
+    def constants(self) -> dict:
+        """What every jitted step reads but never changes: pass it as an argument (it has shardings)."""
+        return {"frozen": self.frozen, "autoencoder": self.ae_params}
+
+    def variables(self, params, vq) -> dict:
+        """The tokenizer's variables for `model.apply`: trained parameters, codebook, frozen tables."""
+        return {"params": params, "vq": vq, "frozen": self.frozen}
+
+
+def init_rngs(seed: int):
+    """(model-init rng, train-state rng) of a run. Inference draws the same init rng, so a random placeholder
+    vocabulary (vocabulary.checkpoint='') is the very table the run trained with."""
+    return jax.random.split(jax.random.key(seed))
 
 
 def validate(config) -> None:
@@ -137,6 +164,8 @@ def build_run(config, devices=None) -> Run:
     ae, ae_params = build_autoencoder(config)
     model = tokenizer_lib.build_tokenizer(tokenizer_config(config, ae))
     sampler = SamplerConfig.from_config(config.sampler)
+    # Replicated: the autoencoder is frozen and small beside the batch it encodes.
+    ae_params = jax.device_put(ae_params, sharding.replicated(mesh))
     return Run(config, mesh, rules, model, sampler, ae, ae_params)
 
 
@@ -175,18 +204,42 @@ def check_vocabulary(run: Run) -> str | None:
     spec = run.config.vocabulary.checkpoint
     if not cfg.vocab_size or not spec:
         return None
-    from v2flow_jax.convert import hf_embeddings
+    from v2flow_jax.convert import hf_checkpoint, hf_embeddings
     path = resolve_checkpoint_dir(spec)
     try:
         _, width = hf_embeddings.check_embedding_table(path, tensor_name=run.config.vocabulary.tensor_name,
                                                        num_tokens=cfg.vocab_size,
                                                        first_row=int(run.config.vocabulary.get("first_row", 0)))
-    except hf_embeddings.VocabularyError as e:
+    except hf_checkpoint.CheckpointError as e:   # a missing or malformed file, or a table that does not fit
         raise type(e)(f"config.vocabulary / config.model.vocab_size={cfg.vocab_size}: {e}") from e
     if width != cfg.vocab_dim:
         raise ValueError(f"config.model.vocab_dim={cfg.vocab_dim} but the table in {path} is {width} wide: "
                          f"set config.model.vocab_dim={width}.")
     return path
+
+
+def frozen_variables(run: Run):
+    """The 'frozen' collection in its shardings, vocabulary installed; use `run.frozen`, which caches it.
+
+    With a vocabulary file only shapes and shardings are computed and the table is read straight into
+    them (no random placeholder is ever allocated); without one the placeholder is initialised from the
+    run's seed (XLA drops the parameter initialisers this does not need).
+    """
+    def init(rng):
+        return {"frozen": tokenizer_lib.init_variables(run.model, rng).get("frozen", {})}
+    rng = init_rngs(run.config.seed)[0]
+    if not (run.model.config.vocab_size and run.config.vocabulary.checkpoint):
+        variables, _ = sharding.sharded_init(init, run.mesh, run.rules, rng)
+        return install_vocabulary(run, variables)["frozen"]
+    with sharding.use_mesh(run.mesh, run.rules):
+        shapes = jax.eval_shape(init, rng)
+        shardings = sharding.logical_shardings(shapes, run.mesh, run.rules)
+    targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(shapes),
+                           nn.unbox(shardings))
+    frozen = install_vocabulary(run, targets)["frozen"]
+    left = [x for x in jax.tree.leaves(frozen) if isinstance(x, jax.ShapeDtypeStruct)]
+    assert not left, f"frozen variables other than the vocabulary table have no source: {left}"
+    return frozen
 
 
 def install_vocabulary(run: Run, variables):
@@ -207,16 +260,3 @@ def install_vocabulary(run: Run, variables):
         sharding=vocabulary.table_sharding(run.mesh, run.rules))
     logging.info("Vocabulary: %s rows x %s from %s.", table.shape[0], table.shape[1], path)
     return vocabulary.install_table(variables, table)
-
-
-def encode_images(run: Run, images):
-    """Pixels in [-1, 1] -> scaled latents through the frozen autoencoder."""
-    latents = run.autoencoder.encode(run.ae_params, images)
-    return jax.lax.stop_gradient(latents.astype(jnp.float32) * run.autoencoder.scale)
-
-
-def decode_latents(run: Run, latents):
-    if run.config.autoencoder.name == "none":
-        return latents / run.autoencoder.scale
-    images = run.autoencoder.decode(run.ae_params, latents / run.autoencoder.scale)
-    return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)

@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from v2flow_jax import build, input_pipeline, sharding
+from v2flow_jax.data import latent_records
 
 PART_RE = re.compile(r"-part(\d{5})\.array_record$")
 
@@ -47,14 +48,15 @@ def complete_parts(out_dir: str, split: str, host: int) -> int:
 
 def _write_part(path: str, latents: list[np.ndarray]) -> None:
     tmp = path + ".tmp"
-    input_pipeline.write_latent_shard(tmp, latents)
+    latent_records.write_latent_shard(tmp, latents)
     os.replace(tmp, path)
 
 
 def _encode_fn(run: build.Run):
-    def encode(images):
+    """jit of (autoencoder params, images) -> unscaled latents of the images, then of their flips."""
+    def encode(ae_params, images):
         both = jnp.concatenate([images, images[:, :, ::-1]], axis=0)   # originals, then their flips
-        return run.autoencoder.encode(run.ae_params, both).astype(jnp.float32)
+        return run.autoencoder.encode(ae_params, both).astype(jnp.float32)
     return jax.jit(encode)
 
 
@@ -118,7 +120,8 @@ def run(config, workdir: str) -> dict:
     encode = _encode_fn(r)
     size = config.data.image_size
     # From the shapes alone: a resumed job may have nothing left to encode.
-    latent_shape = list(jax.eval_shape(encode, jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)).shape[1:])
+    latent_shape = list(jax.eval_shape(encode, r.ae_params, jax.ShapeDtypeStruct((batch_size, size, size, 3),
+                                                                                jnp.float32)).shape[1:])
     pending: list[np.ndarray] = []
     part, seen, t0 = skip_parts, 0, time.perf_counter()
     with sharding.use_mesh(r.mesh, r.rules):
@@ -132,7 +135,7 @@ def run(config, workdir: str) -> dict:
             seen += n
             padded = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:], images.dtype)]) \
                 if n < batch_size else images
-            latents = np.asarray(encode(sharding.put_batch(padded, r.mesh)))
+            latents = np.asarray(encode(r.ae_params, sharding.put_batch(padded, r.mesh)))
             originals, flips = latents[:batch_size][first:n], latents[batch_size:][first:n]
             for orig, flip in zip(originals, flips):
                 pending.extend([orig, flip])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from v2flow_jax import input_pipeline
+from v2flow_jax.data import settings
 from v2flow_jax.models.tokenizer import TokenizerConfig
 from v2flow_jax.sampling import SamplerConfig
 
@@ -44,8 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
                                                   first_row=0))
     c.sampler = ml_collections.ConfigDict(_dataclass_defaults(SamplerConfig))
 
-    # The data section's fields and defaults live with the pipeline (input_pipeline.DEFAULTS).
-    c.data = ml_collections.ConfigDict({**input_pipeline.DEFAULTS,
+    # The data section's fields and defaults live in data/settings.py (settings.DEFAULTS).
+    c.data = ml_collections.ConfigDict({**settings.DEFAULTS,
                                         "prefetch_buffer_size": ml_collections.config_dict.placeholder(int)})
 
     # mode=cache_latents: encode config.data's split once (plus flips) into array_record parts.

@@ -29,31 +29,33 @@ from absl import logging
 
 from v2flow_jax import build, input_pipeline, sampling, sharding
 from v2flow_jax.metrics import alignment, floors
+from v2flow_jax.models import autoencoders
 from v2flow_jax.metrics import image as image_metrics
 from v2flow_jax.metrics.codebook import CodebookUsage
 
 WORDS_IMAGES, WORDS_TOKENS = 3, 16     # nearest words: of the first tokens of the first images
 
 
-def encode_batch(run: build.Run, variables, data):
+def encode_batch(run: build.Run, variables, ae_params, data):
     """Pixels (or cached unscaled latents) -> (originals, encode outputs). Pure; jit it.
 
     Originals are the input pixels, or the cached latents decoded by the autoencoder (with
     autoencoder 'none' they stay latents).
     """
+    ae = run.autoencoder
     if run.config.data.source != "latents":
-        originals, latents = data, build.encode_images(run, data)
+        originals, latents = data, autoencoders.images_to_latents(ae, ae_params, data)
     else:
-        latents = data.astype(jnp.float32) * run.autoencoder.scale
-        originals = build.decode_latents(run, latents)
+        latents = data.astype(jnp.float32) * ae.scale
+        originals = autoencoders.latents_to_images(ae, ae_params, latents)
     enc = run.model.apply(variables, latents, method=run.model.encode)
     return originals, enc
 
 
-def decode_batch(run: build.Run, variables, indices, rng, cfg):
+def decode_batch(run: build.Run, variables, ae_params, indices, rng, cfg):
     """Token ids -> pixels (or latents with autoencoder 'none'). Pure; jit it with cfg static."""
     latents = sampling.decode_indices(run.model, variables, indices, rng, cfg)
-    return build.decode_latents(run, latents)
+    return autoencoders.latents_to_images(run.autoencoder, ae_params, latents)
 
 
 def _pad_to(x, rows):
@@ -157,12 +159,12 @@ class Evaluator:
             return np.asarray(self._psnr(originals, recon)), np.asarray(self._ssim(originals, recon))
         return np.mean((originals - recon) ** 2, axis=(1, 2, 3)), None
 
-    def run(self, params, vq, frozen, *, step: int, writer=None, input_stats: dict | None = None) -> dict:
+    def run(self, params, vq, *, step: int, writer=None, input_stats: dict | None = None) -> dict:
         """Metrics at `step` (also written to metrics.json); `input_stats`: the training input's skipped /
-        converted file counts (input_pipeline.PipelineStats.as_dict), recorded beside them."""
+        converted file counts (data.decoding.PipelineStats.as_dict), recorded beside them."""
         run, cfg = self.run_, self.run_.config
         t0 = time.perf_counter()
-        variables = {"params": params, "vq": vq, "frozen": frozen}
+        variables, ae_params = run.variables(params, vq), run.ae_params
         mc = run.model.config
         usage = CodebookUsage(mc.codebook_size)
         scores: dict[str, list] = {}
@@ -176,17 +178,17 @@ class Evaluator:
             for i, images in enumerate(self._batches()):
                 n = images.shape[0]
                 batch = sharding.put_batch(_pad_to(images, self.batch_size), run.mesh)
-                originals, enc = self._encode(variables, batch)
+                originals, enc = self._encode(variables, ae_params, batch)
                 ids = np.asarray(enc["indices"])
                 key = jax.random.fold_in(rng, i)
                 recon = None
                 for suffix, scfg in self.variants.items():
-                    out = np.asarray(self._decode(variables, enc["indices"], key, cfg=scfg))[:n]
+                    out = np.asarray(self._decode(variables, ae_params, enc["indices"], key, cfg=scfg))[:n]
                     recon = out if suffix == "" else recon
                     add(suffix, *self._scores(np.asarray(originals)[:n], out))
                 if n > 1:   # the same decode from another image's ids
                     swapped = sharding.put_batch(swap_ids(ids, n), run.mesh)
-                    out = np.asarray(self._decode(variables, swapped, key, cfg=run.sampler))[:n]
+                    out = np.asarray(self._decode(variables, ae_params, swapped, key, cfg=run.sampler))[:n]
                     add("_swapped", *self._scores(np.asarray(originals)[:n], out))
                 originals, ids = np.asarray(originals)[:n], ids[:n]
                 if self.pixels:

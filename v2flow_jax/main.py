@@ -12,8 +12,17 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_config.py")
-config_flags.DEFINE_config_file("config", DEMO_CONFIG, "Config file (configs/*.py[:arg]); default: the CPU demo.",
-                                lock_config=True)
+try:
+    config_flags.DEFINE_config_file("config", DEMO_CONFIG, "Config file (configs/*.py[:arg]); default: the CPU demo.",
+                                    lock_config=True)
+except (AttributeError, KeyError) as e:
+    # ml_collections applies the command line's --config.<field> overrides here, and a field the config
+    # lacks surfaces as a bare AttributeError three tracebacks deep.
+    import sys
+    overrides = [a.split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.")]
+    raise SystemExit(f"FATAL: one of {' '.join(overrides) or 'the --config.<field> overrides'} names a field the "
+                     f"config does not have ({e}); every field and its default is in v2flow_jax/config_defaults.py (and the "
+                     "model's in models/tokenizer.py TokenizerConfig).") from None
 flags.DEFINE_string("workdir", "runs/demo", "Directory for checkpoints, metrics.json, grids and TensorBoard events.")
 flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() first (multi-host pods and clusters).")
 

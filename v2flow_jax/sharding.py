@@ -32,6 +32,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("latent", None),         # autoencoder latent channels (tiny)
     ("seq", None),
     ("kernel", None),
+    ("kv_heads", "tensor"),   # the LLM's key/value heads (grouped-query attention)
+    ("head_dim", None),       # per-head width: kept whole for RoPE and the attention contractions
+    ("layers", None),         # the stacked-layer axis of scanned (nn.scan) parameters
 )
 
 

@@ -29,6 +29,8 @@ def tokenizer_components(model) -> list[tuple[str, int, str]]:
             ("MAR encoder", _count(encoder), "trained"),
             ("MAR decoder", _count(decoder), "trained"),
             ("velocity MLP", _count(params["velocity_mlp"]), "trained")]
+    if "token_readout" in params:
+        rows.append(("token readout (training-only head)", _count(params["token_readout"]), "trained"))
     rows.append(("codebook (+ EMA statistics)", _count(shapes["vq"]), "EMA, not optimised"))
     if "frozen" in shapes:
         rows.append(("LLM vocabulary table", _count(shapes["frozen"]), "frozen"))

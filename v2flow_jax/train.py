@@ -21,6 +21,7 @@ import optax
 from absl import logging
 
 from v2flow_jax import build, checkpointing, evaluate, input_pipeline, sharding, train_state
+from v2flow_jax.models import autoencoders
 
 # Dense peak FLOP/s per device for the utilisation figure (bf16 for accelerators; the CPU figure is
 # the f32 matmul rate measured on the project's 2-core development machine).
@@ -65,21 +66,21 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 # ------------------------------------------------------------------------------------- the step
-def batch_latents(run: build.Run, batch):
+def batch_latents(run: build.Run, ae_params, batch):
     if "latent" in batch:
         return batch["latent"].astype(jnp.float32) * run.autoencoder.scale
-    return build.encode_images(run, batch["image"])
+    return autoencoders.images_to_latents(run.autoencoder, ae_params, batch["image"])
 
 
-def train_step(run: build.Run, tx, state: train_state.TrainState, batch, frozen):
-    """One optimizer step. Pure: (state, batch, frozen) -> (new state, metrics)."""
+def train_step(run: build.Run, tx, state: train_state.TrainState, batch, constants):
+    """One optimizer step. Pure: (state, batch, run.constants) -> (new state, metrics)."""
     model = run.model
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     sample_rng, dropout_rng = jax.random.split(rng)
-    latents = batch_latents(run, batch)
+    latents = batch_latents(run, constants["autoencoder"], batch)
 
     def loss_fn(params):
-        variables = {"params": params, "vq": state.vq, "frozen": frozen}
+        variables = {"params": params, "vq": state.vq, "frozen": constants["frozen"]}
         (loss, aux), updates = model.apply(variables, latents, train=True, mutable=["vq"],
                                            rngs={"sample": sample_rng, "dropout": dropout_rng})
         return loss, (aux, updates["vq"])
@@ -94,7 +95,7 @@ def train_step(run: build.Run, tx, state: train_state.TrainState, batch, frozen)
         ema = state.ema_params
         if ema is not None:
             d = ema_decay_at(run.config.ema_decay, state.step)
-            ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+            ema = optax.incremental_update(params, ema, step_size=1.0 - d)   # d * ema + (1 - d) * params
         return state.replace(params=params, opt_state=opt_state, ema_params=ema, vq=vq)
 
     # NaN/inf guard: a bad step leaves the model untouched (and is counted); the host stops the run
@@ -116,14 +117,17 @@ def ema_decay_at(decay: float, step):
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def compile_train_step(run: build.Run, tx, state, state_sh, frozen, batch):
-    """Jits the step with explicit shardings and state donation; returns (compiled, flops per step)."""
+def compile_train_step(run: build.Run, tx, state, state_sh, batch):
+    """Jits the step with explicit shardings and state donation; returns (compiled, flops per step).
+
+    The compiled step is called as `step_fn(state, batch, run.constants)`."""
     batch_sh = jax.tree.map(lambda x: sharding.batch_sharding(run.mesh, x.ndim), batch)
-    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
-    step_fn = jax.jit(functools.partial(train_step, run, tx), in_shardings=(state_sh, batch_sh, frozen_sh),
+    constants = run.constants
+    constants_sh = jax.tree.map(lambda x: x.sharding, constants)
+    step_fn = jax.jit(functools.partial(train_step, run, tx), in_shardings=(state_sh, batch_sh, constants_sh),
                       out_shardings=(state_sh, sharding.replicated(run.mesh)), donate_argnums=(0,))
     with sharding.use_mesh(run.mesh, run.rules):
-        compiled = step_fn.lower(state, batch, frozen).compile()
+        compiled = step_fn.lower(state, batch, constants).compile()
     return compiled, flops_of(compiled)
 
 
@@ -265,10 +269,7 @@ def _train(run, tx, ckpt, train_iter, num_train, evaluator, abstract, state_sh, 
     config = run.config
     state, start = _restore(ckpt, config, abstract, train_iter)
     if state is None:
-        state, frozen, _ = train_state.init_state(run, tx, config.seed)
-    else:
-        frozen = train_state.init_frozen(run)
-    frozen = build.install_vocabulary(run, {"frozen": frozen})["frozen"]
+        state, _ = train_state.init_state(run, tx, config.seed)
     start = int(state.step)
     if start >= config.num_steps:
         logging.info("The run in %s already finished at step %d (config.num_steps=%d): nothing to do. Raise "
@@ -280,13 +281,14 @@ def _train(run, tx, ckpt, train_iter, num_train, evaluator, abstract, state_sh, 
     if start == 0:
         writer.write_hparams({k: v for k, v in flatten_config(config).items()})
     metrics_json = {}
-    evaluate_at = lambda step: evaluator.run(train_state.state_params(state, config), state.vq, frozen, step=step,
+    evaluate_at = lambda step: evaluator.run(train_state.state_params(state, config), state.vq, step=step,
                                              writer=writer, input_stats=train_iter.stats.as_dict())
     if start == 0 and config.eval.at_start:
         metrics_json = evaluate_at(0)
 
     batch = sharding.put_batch(_host_batch(train_iter), run.mesh)
-    step_fn, flops = compile_train_step(run, tx, state, state_sh, frozen, batch)
+    step_fn, flops = compile_train_step(run, tx, state, state_sh, batch)
+    constants = run.constants
     peak = peak_flops(config) * jax.device_count()
     logging.info("Train step: %.3g GFLOP per step (XLA cost analysis), %d training records, global batch %d.",
                  flops / 1e9, num_train, config.batch_size)
@@ -295,7 +297,7 @@ def _train(run, tx, ckpt, train_iter, num_train, evaluator, abstract, state_sh, 
     for step in range(start, config.num_steps):
         if step > start:
             batch = sharding.put_batch(_host_batch(train_iter), run.mesh)
-        state, metrics = step_fn(state, batch, frozen)
+        state, metrics = step_fn(state, batch, constants)
         done = step + 1
         steps_since += 1
         if done % config.log_every == 0 or done == config.num_steps:
@@ -330,9 +332,10 @@ def log_step(done: int, num_steps: int, s: dict, codebook_size: int, input_summa
     vocab = (f"  vocab H %.3f ppl %.0f I %.2f" % (s["vocab_entropy"], s["vocab_perplexity"], s["vocab_information"])
              if "vocab_entropy" in s else "")
     restarts = f"  restarted {int(s['restarted_codes'])}" if "restarted_codes" in s else ""
-    logging.info("step %d/%d  loss %.4f (flow %.4f, commit %.2e)  codes: usage %.3f ppl %.1f%s%s  |g| %.3f  "
+    readout = f", token readout {s['token_recon_loss']:.4f}" if "token_recon_loss" in s else ""
+    logging.info("step %d/%d  loss %.4f (flow %.4f, commit %.2e%s)  codes: usage %.3f ppl %.1f%s%s  |g| %.3f  "
                  "lr %.2e  %.1f img/s  MFU %.1f%%  input: %s", done, num_steps, s["loss"], s["flow_loss"],
-                 s["commit_loss"], s["codebook_usage"], s["codebook_perplexity"], restarts, vocab, s["grad_norm"],
+                 s["commit_loss"], readout, s["codebook_usage"], s["codebook_perplexity"], restarts, vocab, s["grad_norm"],
                  s["learning_rate"], s["images_per_s"], 100 * s["mfu"], input_summary)
     if s["codebook_perplexity"] < COLLAPSE_PERPLEXITY:
         logging.warning("step %d: the tokens have COLLAPSED: codebook perplexity %.2f of %d codes, so the decoder "

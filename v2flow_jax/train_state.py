@@ -26,39 +26,21 @@ class TrainState:
     rng: jax.Array       # uint32 key data (checkpointable)
 
 
-def init_rngs(seed: int):
-    """(model-init rng, train-state rng) of a run. The API draws the same init rng, so a random placeholder
-    vocabulary (vocabulary.checkpoint='') is the very table the run trained with."""
-    return jax.random.split(jax.random.key(seed))
-
-
 def init_state_tree(run: build.Run, tx, rngs):
-    """(TrainState, frozen variables) with LogicallyPartitioned boxes; pure, for eval_shape and jit."""
+    """The TrainState with LogicallyPartitioned boxes; pure, for eval_shape and jit. The 'frozen' collection
+    is not part of it: it is `run.frozen`, read from its file, never trained or checkpointed."""
     init_rng, state_rng = rngs[0], rngs[1]
     variables = tokenizer_lib.init_variables(run.model, init_rng)
     params = variables["params"]
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                       ema_params=params if run.config.ema_decay > 0 else None, vq=variables["vq"],
-                       rng=jax.random.key_data(state_rng))
-    return state, variables.get("frozen", {})
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params if run.config.ema_decay > 0 else None, vq=variables["vq"],
+                      rng=jax.random.key_data(state_rng))
 
 
 def init_state(run: build.Run, tx, seed: int):
-    """Returns (state, frozen_variables, state_shardings), all created in their shardings."""
-    rngs = init_rngs(seed)
-    (state, frozen), (state_sh, _) = sharding.sharded_init(lambda: init_state_tree(run, tx, rngs), run.mesh,
-                                                           run.rules)
-    return state, frozen, state_sh
-
-
-def init_frozen(run: build.Run):
-    """The 'frozen' collection alone, in its shardings (a restored run reads everything else from the
-    checkpoint); XLA drops the parameter initialisers it does not need. The vocabulary placeholder is
-    replaced by `build.install_vocabulary`."""
-    def init(rng):
-        return {"frozen": tokenizer_lib.init_variables(run.model, rng).get("frozen", {})}
-    variables, _ = sharding.sharded_init(init, run.mesh, run.rules, init_rngs(run.config.seed)[0])
-    return variables["frozen"]
+    """Returns (state, state_shardings), created in their shardings."""
+    rngs = build.init_rngs(seed)
+    return sharding.sharded_init(lambda: init_state_tree(run, tx, rngs), run.mesh, run.rules)
 
 
 def abstract_state(state, shardings):
@@ -68,7 +50,7 @@ def abstract_state(state, shardings):
 
 def abstract_train_state(run: build.Run, tx, seed: int):
     """(abstract TrainState with shardings, its shardings), computed without allocating anything."""
-    shapes, _ = jax.eval_shape(lambda: init_state_tree(run, tx, init_rngs(seed)))
+    shapes = jax.eval_shape(lambda: init_state_tree(run, tx, build.init_rngs(seed)))
     with sharding.use_mesh(run.mesh, run.rules):
         shardings = sharding.logical_shardings(shapes, run.mesh, run.rules)
     shapes, shardings = nn.unbox(shapes), nn.unbox(shardings)
@@ -77,7 +59,7 @@ def abstract_train_state(run: build.Run, tx, seed: int):
 
 def abstract_inference_variables(run: build.Run):
     """{'params': ..., 'vq': ...} as ShapeDtypeStructs with shardings: what decoding needs."""
-    shapes = jax.eval_shape(lambda: tokenizer_lib.init_variables(run.model, init_rngs(run.config.seed)[0]))
+    shapes = jax.eval_shape(lambda: tokenizer_lib.init_variables(run.model, build.init_rngs(run.config.seed)[0]))
     shapes = {k: shapes[k] for k in ("params", "vq")}
     with sharding.use_mesh(run.mesh, run.rules):
         shardings = sharding.logical_shardings(shapes, run.mesh, run.rules)

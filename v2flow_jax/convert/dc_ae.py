@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from typing import Any, Mapping
 
 import jax
@@ -78,33 +77,10 @@ def autoencoder_from_config(path: str, dtype=jnp.float32, param_dtype=jnp.float3
         raise CheckpointError(f"{os.path.join(path, CONFIG_FILE)!r}: {e}") from e
 
 
-def _safetensors_bf16(file: str) -> dict[str, np.ndarray]:
-    """Reads a safetensors file holding bfloat16 tensors, which `safetensors.numpy` cannot return."""
-    import ml_dtypes  # ships with jax
-    dtypes = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
-              "I64": np.int64, "I32": np.int32}
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        if info["dtype"] not in dtypes:
-            raise CheckpointError(f"{file!r}: tensor {key!r} has dtype {info['dtype']}, which is not a weight "
-                                  f"dtype we read ({sorted(dtypes)}).")
-        start, end = info["data_offsets"]
-        out[key] = np.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
-    return out
-
-
 def _read_safetensors(file: str) -> dict[str, np.ndarray]:
+    # safetensors >= 0.8 returns bfloat16 tensors as ml_dtypes.bfloat16 arrays (fp16 / fp32 as themselves).
     from safetensors.numpy import load_file
-    try:
-        return load_file(file)
-    except TypeError:  # numpy has no bfloat16
-        return _safetensors_bf16(file)
+    return load_file(file)
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:

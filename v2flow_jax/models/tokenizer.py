@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -68,6 +69,9 @@ class TokenizerConfig(ConfigSection):
     dropout: float = 0.1
     # A direct path from each token to the patches it covers in the decoder (mar.MaskedEncoderDecoder).
     token_skip: bool = False
+    # Loss weight on a linear readout of each quantized token to the latent pixels it covers (MSE), a
+    # training-only head: a dense, low-variance gradient into the encoder beside the flow loss's.
+    token_recon_weight: float = 0.0
     buffer_drop: float = 0.1           # per-sample probability of the dummy buffer (for guidance)
     mask_ratio_min: float = 0.7
     mask_ratio_mean: float = 1.0
@@ -95,6 +99,7 @@ class TokenizerConfig(ConfigSection):
         need(self.dead_code_threshold >= 0, "dead_code_threshold", "must be >= 0 (0 = no restarts)")
         need(self.restart_noise >= 0, "restart_noise", "must be >= 0")
         need(self.code_info_weight >= 0, "code_info_weight", "must be >= 0 (0 = the release's loss)")
+        need(self.token_recon_weight >= 0, "token_recon_weight", "must be >= 0 (0 = the release's loss)")
         need(self.code_info_temperature > 0, "code_info_temperature", "must be > 0")
         width, _, heads = PRESETS[self.preset]
         need(width % heads == 0, "preset", "width must divide by heads")
@@ -139,6 +144,8 @@ class V2FlowTokenizer(nn.Module):
         self.mar = MaskedEncoderDecoder(c.num_patches, c.num_tokens, width, depth, heads, width, depth, heads,
                                         dropout=c.dropout, token_skip=c.token_skip, dtype=dt)
         self.velocity_mlp = VelocityMLP(c.latent_channels, c.velocity_width, c.velocity_depth, dtype=dt)
+        if c.token_recon_weight:
+            self.token_readout = dense(c.pool * c.pool * c.latent_channels, ("llm_embed", None), dtype=dt)
 
     # ---- encoding -------------------------------------------------------------------------------
     def encode(self, latents, *, train: bool = False, noisy: bool | None = None):
@@ -198,8 +205,18 @@ class V2FlowTokenizer(nn.Module):
         if c.code_info_weight:
             loss = loss - c.code_info_weight * enc["code_information"]
         aux = {k: v for k, v in enc.items() if k not in PER_TOKEN_OUTPUTS}
+        if c.token_recon_weight:
+            aux["token_recon_loss"] = self.token_recon_loss(enc["codes"], latents)
+            loss = loss + c.token_recon_weight * aux["token_recon_loss"]
         aux.update(flow_loss=flow_loss, mask_ratio=num_masked / c.num_patches, loss=loss)
         return loss, aux
+
+    def token_recon_loss(self, codes, latents):
+        """MSE of the linear readout of each token (B, n, d) against its pool x pool cell of latent pixels."""
+        p = self.config.pool
+        cells = einops.rearrange(latents.astype(jnp.float32), "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
+        pred = self.token_readout(codes.astype(self.config.compute_dtype)).astype(jnp.float32)
+        return jnp.mean((pred - cells) ** 2)
 
     def flow_loss(self, patches, z, mask):
         """Rectified-flow MSE, each patch repeated `diffusion_batch_mul` times; only masked patches count."""

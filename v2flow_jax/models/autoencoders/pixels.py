@@ -50,6 +50,7 @@ class PixelAutoencoder:
 
 class IdentityLatents:
     """No autoencoder: the data already are latents (B, h, w, C), e.g. cached ones, fed as they are."""
+    outputs_pixels = False
 
     def __init__(self, channels: int):
         self.stride, self.channels, self.scale = 1, int(channels), 1.0
