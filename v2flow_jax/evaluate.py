@@ -95,7 +95,7 @@ def _diagnostic_vocabulary(run: build.Run):
     wide as the codes: that is how the no-vocabulary variant is compared (plain VQ codes in a space
     of the LLM's width, unrelated to its rows).
     """
-    from v2flow_jax.convert import hf_embeddings
+    from v2flow_jax.convert import embedding_table
     cfg, mc = run.config, run.model.config
     spec = cfg.vocabulary.checkpoint
     if not spec:
@@ -104,14 +104,14 @@ def _diagnostic_vocabulary(run: build.Run):
     first_row = int(cfg.vocabulary.get("first_row", 0))
     rows = mc.vocab_size or int(cfg.vocabulary.get("diagnostic_rows", 0)) or None
     try:
-        if hf_embeddings.embedding_table_info(path)[1] != mc.code_dim:
+        source = embedding_table.embedding_table(path, cfg.vocabulary.tensor_name)
+        if source.check()[1] != mc.code_dim:
             return None, None, 0
-        table = np.asarray(hf_embeddings.load_embedding_table(path, tensor_name=cfg.vocabulary.tensor_name,
-                                                              num_tokens=rows, first_row=first_row))
+        table = np.asarray(source.load(num_tokens=rows, first_row=first_row))
     except (OSError, ValueError) as e:
         logging.warning("No vocabulary-alignment diagnostic: %s", e)
         return None, None, 0
-    return table, hf_embeddings.load_vocabulary_words(path), first_row
+    return table, source.words(), first_row
 
 
 class Evaluator:

@@ -15,6 +15,7 @@ Shapes: GGUF lists dimensions innermost first (ne0, ne1); the arrays `gguf` retu
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from v2flow_jax import sharding as shd
-from v2flow_jax.convert import hf_checkpoint
+from v2flow_jax.convert import hf_checkpoint, hf_embeddings
 from v2flow_jax.convert.hf_llama import TensorMapping, assemble_params, hf_tensors
 from v2flow_jax.lm.llama import LlamaConfig
 
@@ -67,12 +68,20 @@ def supported_types() -> tuple:
 
 
 def open_gguf(path):
-    """A gguf.GGUFReader (memory-mapped: tensors are read when dequantised)."""
-    import gguf
-
+    """A gguf.GGUFReader (memory-mapped: tensors are read when dequantised), shared while the file is unchanged."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path!r} does not exist.")
+    stat = os.stat(path)
+    return _read_header(path, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_header(path: str, inode: int, mtime_ns: int, size: int):
+    # Parsing the metadata is slow (SmolLM2's 49152 tokens and merges: ~3 s) and a run asks several times
+    # (check, load, the evaluation's words); the file's identity in the key makes a rewritten file parse afresh.
+    import gguf
+
     try:
         return gguf.GGUFReader(path)
     except ValueError as e:
@@ -238,37 +247,45 @@ def load_gguf_llama(path, *, mesh=None, rules=shd.DEFAULT_RULES, **config_overri
 # The embedding table alone (the tokenizer's vocabulary rows)
 
 
-def load_gguf_embedding_table(path, *, sharding=None, dtype=jnp.float32, num_tokens: int | None = None,
-                              first_row: int = 0) -> jax.Array:
-    """token_embd.weight (num_tokens or vocab_size, hidden_size) as a jax.Array, dequantised.
-
-    As hf_embeddings.load_embedding_table: with a `sharding` each device's block is dequantised on
-    its own (quant blocks run along a row, so a row range is read alone); `num_tokens` / `first_row`
-    select a row range.
-    """
-    path = os.fspath(path)
-    reader = open_gguf(path)
-    tensors = _tensors(reader)
+def _embedding_tensor(path: str, num_tokens: int | None, first_row: int):
+    """(token_embd.weight, the (rows, width) asked of it), checked from the header alone (nothing dequantised)."""
+    tensors = _tensors(open_gguf(path))
     if EMBEDDING_TENSOR not in tensors:
         raise GGUFError(f"tensor {EMBEDDING_TENSOR!r} is missing from {path!r}; it holds "
-                        f"{sorted(tensors)[:6]} ...")
+                        f"{sorted(tensors)[:6]} ...: is this an LLM's GGUF?")
     tensor = tensors[EMBEDDING_TENSOR]
+    if len(tensor.shape) != 2:
+        raise GGUFError(f"tensor {EMBEDDING_TENSOR!r} in {path!r} has shape {torch_shape(tensor)}; an embedding "
+                        "table is 2-D (vocab_size, hidden_size).")
     _check_type(path, tensor)
     vocab_size, width = torch_shape(tensor)
-    rows = num_tokens or vocab_size
-    if not 0 < rows <= vocab_size or not 0 <= first_row <= vocab_size - rows:
-        raise GGUFError(f"rows [{first_row}, {first_row + rows}) of {EMBEDDING_TENSOR!r} in {path!r} do not exist: "
-                        f"it has {vocab_size} rows.")
-    shape = (rows, width)
+    rows = hf_embeddings.check_rows(vocab_size, num_tokens, first_row, f"{path}:{EMBEDDING_TENSOR}", GGUFError)
+    return tensor, (rows, width)
+
+
+def check_gguf_embedding_table(path, *, num_tokens: int | None = None, first_row: int = 0) -> tuple[int, int]:
+    """The (rows, width) `load_gguf_embedding_table` would return, from the file's header alone; raises
+    GGUFError as it would (as hf_embeddings.check_embedding_table for a HF directory)."""
+    return _embedding_tensor(os.fspath(path), num_tokens, first_row)[1]
+
+
+def load_gguf_embedding_table(path, *, sharding=None, dtype=jnp.float32, num_tokens: int | None = None,
+                              first_row: int = 0) -> jax.Array:
+    """token_embd.weight rows [first_row, first_row + (num_tokens or vocab_size)) as a jax.Array, dequantised.
+
+    As hf_embeddings.load_embedding_table: with a `sharding` each device's block is dequantised on
+    its own (quant blocks run along a row, so a row range is read alone); dtype None keeps float32.
+    """
+    path = os.fspath(path)
+    tensor, shape = _embedding_tensor(path, num_tokens, first_row)
+    out_dtype = np.dtype(dtype if dtype is not None else np.float32)
 
     def read_block(index):
         block_rows, cols = hf_checkpoint.full_index(index, shape)
         table = dequantize(path, tensor, slice(block_rows.start + first_row, block_rows.stop + first_row))
-        return table[:, cols].astype(np.dtype(dtype), copy=False)
+        return table[:, cols].astype(out_dtype, copy=False)
 
-    if sharding is None:
-        return jax.device_put(read_block(()))
-    return jax.make_array_from_callback(shape, sharding, read_block)
+    return hf_embeddings.place_table(shape, read_block, sharding, path)
 
 
 def load_gguf_vocabulary_words(path) -> list[str] | None:

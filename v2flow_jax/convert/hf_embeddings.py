@@ -7,7 +7,9 @@ are memory-mapped reads), so the full table never exists on one device: a 32000 
 (512 MB) is cheap on a pod. `check_embedding_table` answers the same questions from the headers
 alone, before anything is allocated.
 
-models/vocabulary.py holds the table inside the model (`FrozenVocabulary`, `install_table`).
+`check_rows` and `place_table` are shared with the GGUF reader (gguf_llama.py); embeddings.py picks
+between the two readers. models/vocabulary.py holds the table inside the model (`FrozenVocabulary`,
+`install_table`).
 """
 from __future__ import annotations
 
@@ -52,6 +54,19 @@ def embedding_table_info(checkpoint_dir: str) -> tuple[int, int]:
 # Loading
 
 
+def check_rows(vocab_size: int, num_tokens: int | None, first_row: int, where: str,
+               error: type[Exception] = VocabularyError) -> int:
+    """The number of rows asked for, once [first_row, first_row + num_tokens) is known to exist in a table of
+    vocab_size rows. Shared with the GGUF reader, which passes its own exception class as `error`."""
+    if num_tokens is not None and not 0 < num_tokens <= vocab_size:
+        raise error(f"num_tokens={num_tokens} must be in [1, vocab_size={vocab_size}] of {where!r}.")
+    rows = num_tokens or vocab_size
+    if not 0 <= first_row <= vocab_size - rows:
+        raise error(f"first_row={first_row} with num_tokens={rows} runs past vocab_size={vocab_size} of {where!r}: "
+                    f"rows [{first_row}, {first_row + rows}) do not exist.")
+    return rows
+
+
 def _validate(source: hf_checkpoint.TensorSource, config_path: str, vocab_size: int, hidden_size: int,
               num_tokens, first_row: int = 0):
     if len(source.shape) != 2:
@@ -62,13 +77,7 @@ def _validate(source: hf_checkpoint.TensorSource, config_path: str, vocab_size: 
         raise VocabularyError(
             f"tensor {source.name!r} in {source.path!r} has shape {source.shape}, but {config_path!r} "
             f"says vocab_size={vocab_size}, hidden_size={hidden_size}.")
-    if num_tokens is not None and not 0 < num_tokens <= vocab_size:
-        raise VocabularyError(
-            f"num_tokens={num_tokens} must be in [1, vocab_size={vocab_size}] of {config_path!r}.")
-    if not 0 <= first_row <= vocab_size - (num_tokens or vocab_size):
-        raise VocabularyError(
-            f"first_row={first_row} with num_tokens={num_tokens} runs past vocab_size={vocab_size} of "
-            f"{config_path!r}: the rows [first_row, first_row + num_tokens) must exist.")
+    check_rows(vocab_size, num_tokens, first_row, config_path)
 
 
 def check_embedding_table(checkpoint_dir, *, tensor_name: str = DEFAULT_TENSOR, num_tokens: int | None = None,
@@ -110,13 +119,19 @@ def load_embedding_table(checkpoint_dir, *, tensor_name: str = DEFAULT_TENSOR, s
         rows = slice(rows.start + first_row, rows.stop + first_row)
         return np.asarray(source.read((rows, *rest))).astype(out_dtype, copy=False)
 
+    return place_table(shape, read_block, sharding, checkpoint_dir)
+
+
+def place_table(shape: tuple[int, int], read_block, sharding, where: str) -> jax.Array:
+    """The table as one jax.Array: `read_block(index)` per addressable device under `sharding` (so no device
+    holds more than its block), or the whole table on the default device when sharding is None."""
     if sharding is None:
         return jax.device_put(read_block(()))
     try:
         sharding.shard_shape(shape)
     except ValueError as e:
         raise VocabularyError(
-            f"the table {shape} from {checkpoint_dir!r} does not split evenly under {sharding}: "
+            f"the table {shape} from {where!r} does not split evenly under {sharding}: "
             f"{e}. Choose num_tokens divisible by the mesh axes that shard it.") from e
     return jax.make_array_from_callback(shape, sharding, read_block)
 
