@@ -1,0 +1,87 @@
+"""Prompts -> images: an extended LLaMA writes the visual tokens, the V2Flow tokenizer decodes them.
+
+    t2i = TextToImage(llm_model, llm_params, chat, image_tokenizer)
+    images = t2i.generate(["red apple", "dog face"], jax.random.key(0))   # float (2, H, W, 3) in [-1, 1]
+    save_generations(images, captions, "out/")                             # PNG files and a grid
+
+`chat` (a `ChatFormat`) frames each caption in the LLM's chat template; guidance uses the empty
+caption in the same frame. The number of visual tokens is the image tokenizer's own.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from v2flow_jax.lm import generate as gen
+from v2flow_jax.lm.conversation import ChatFormat
+from v2flow_jax.metrics import image as image_metrics
+
+
+def tokenizer_codebook(image_tokenizer) -> np.ndarray:
+    """The unit codebook (N_v, width) of a `v2flow_jax.api.Tokenizer` (from its 'vq' collection)."""
+    found = [np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(image_tokenizer.variables["vq"])
+             if getattr(path[-1], "key", None) == "codebook"]
+    if len(found) != 1:
+        raise ValueError(f"expected one 'codebook' in the tokenizer's 'vq' collection, found {len(found)}.")
+    return found[0]
+
+
+def pad_right(rows: list[list[int]], width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (B, width) int32 right-padded with 0, and their lengths."""
+    width = width or max(map(len, rows))
+    out = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out, np.array([len(r) for r in rows], np.int32)
+
+
+class TextToImage:
+    def __init__(self, llm_model, llm_params, chat: ChatFormat, image_tokenizer):
+        if chat.vocab.num_visual != image_tokenizer.run.model.config.codebook_size:
+            raise ValueError(f"the LLM knows {chat.vocab.num_visual} visual tokens but the image tokenizer has "
+                             f"{image_tokenizer.run.model.config.codebook_size} codes: they were not extended together.")
+        self.llm_model, self.llm_params = llm_model, llm_params
+        self.chat, self.image_tokenizer = chat, image_tokenizer
+
+    @property
+    def num_tokens(self) -> int:
+        return self.image_tokenizer.num_tokens
+
+    def codes(self, prompts: list[str], rng, sampling: gen.Sampling = gen.Sampling(), cfg_scale=None) -> np.ndarray:
+        """(B,) captions -> (B, num_tokens) tokenizer codes. Guidance runs when the scale is not 1."""
+        scale = sampling.cfg_scale if cfg_scale is None else cfg_scale
+        ids, lengths = pad_right([self.chat.prompt_ids(p) for p in prompts])
+        kw = {}
+        if scale != 1.0:
+            empty, empty_len = pad_right([self.chat.prompt_ids("")] * len(prompts), ids.shape[1])
+            kw = dict(uncond_prompts=jnp.asarray(empty), uncond_lengths=jnp.asarray(empty_len), cfg_scale=scale)
+        return np.asarray(gen.generate_codes(self.llm_model, self.llm_params, jnp.asarray(ids), jnp.asarray(lengths),
+                                             rng, vocab=self.chat.vocab, num_tokens=self.num_tokens,
+                                             sampling=sampling, **kw))
+
+    def generate(self, prompts: list[str], rng, sampling: gen.Sampling = gen.Sampling(), cfg_scale=None,
+                 **decode_overrides) -> np.ndarray:
+        """Captions -> float32 images (B, H, W, 3) in [-1, 1]; decode_overrides go to Tokenizer.decode."""
+        token_rng, decode_rng = jax.random.split(rng)
+        codes = self.codes(prompts, token_rng, sampling, cfg_scale)
+        return self.image_tokenizer.decode(codes, decode_rng, **decode_overrides)
+
+
+def _file_name(i: int, caption: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", caption.lower()).strip("_")[:48] or "empty"
+    return f"{i:04d}_{slug}.png"
+
+
+def save_generations(images, captions: list[str], out_dir: str, per_row: int = 8) -> dict:
+    """One PNG per image (named by index and caption) and grid.png; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    pixels = [image_metrics.to_uint8(x) for x in np.asarray(images)]
+    files = [image_metrics.save_png(os.path.join(out_dir, _file_name(i, c)), p)
+             for i, (c, p) in enumerate(zip(captions, pixels))]
+    rows = [pixels[i:i + per_row] for i in range(0, len(pixels), per_row)]
+    grid = image_metrics.save_png(os.path.join(out_dir, "grid.png"), image_metrics.image_grid(rows))
+    return {"images": files, "grid": grid}
