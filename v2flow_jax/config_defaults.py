@@ -12,7 +12,7 @@ from v2flow_jax.data import settings
 from v2flow_jax.models.tokenizer import TokenizerConfig
 from v2flow_jax.sampling import SamplerConfig
 
-MODES = ("train", "evaluate", "params", "cache_latents")
+MODES = ("train", "evaluate", "params", "cache_latents", "encode_pairs")
 
 
 def _dataclass_defaults(cls) -> dict:
@@ -54,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     # views: passes over the split, each view its own random crops when data.random_crop_scale is set
     # (few photos -> many cached examples); 1 = each image once (plus its flip), as the release.
     c.cache = ml_collections.ConfigDict(dict(split="train", output_dir="", images_per_part=1024, views=1))
+    # mode=encode_pairs (lm/token_records.py): a pairs JSONL ({"image", "caption"} lines) encoded by a
+    # trained tokenizer (its workdir) into token-id records for the LLM stage; output_dir '' = <workdir>/token_records.
+    c.pairs = ml_collections.ConfigDict(dict(jsonl="", tokenizer_workdir="", output_dir="", per_part=1024))
 
     # Optimisation (REFERENCE section 6): lr = base_lr * global_batch / 256.
     c.batch_size = 768            # global

@@ -2,7 +2,8 @@
 
 Without --config it runs the embedded CPU demo (configs/tok256.py:demo). `config.mode` picks the job:
 train (resumes from --workdir), evaluate (the latest checkpoint), params (print the parameter table
-and exit), cache_latents (encode a dataset once into array_record shards).
+and exit), cache_latents (encode a dataset once into array_record shards), encode_pairs (a
+text-image pairs JSONL into token-id records for the LLM stage, lm/token_records.py).
 """
 from __future__ import annotations
 
@@ -67,6 +68,9 @@ def main(argv):
     elif config.mode == "cache_latents":
         from v2flow_jax import cache_latents
         result = cache_latents.run(config, workdir)
+    elif config.mode == "encode_pairs":
+        from v2flow_jax.lm import token_records
+        result = token_records.run(config, workdir)
     else:
         raise ValueError(f"config.mode={config.mode!r} is not one of {config_defaults.MODES}.")
     logging.info("Done: %s", result)

@@ -1,0 +1,87 @@
+"""mode=encode_pairs: pairs -> token-id records, equal to Tokenizer.encode, resumable after a kill, and the main mode."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import tiny_configs
+from v2flow_jax.api import Tokenizer
+from v2flow_jax.data import pairs as pairs_lib
+from v2flow_jax.lm import token_records
+
+
+def _pairs(folder, n=7):
+    rng = np.random.RandomState(0)
+    pairs = []
+    for i in range(n):
+        path = os.path.join(folder, f"img{i}.png")
+        Image.fromarray(rng.randint(0, 255, (40, 48, 3), np.uint8)).save(path)
+        pairs.append(pairs_lib.Pair(path, f"caption number {i}"))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(tiny_configs.tiny_config(vocab=True))
+
+
+def test_records_hold_each_pairs_own_codes(tok, tmp_path):
+    pairs = _pairs(str(tmp_path))
+    summary = token_records.encode_pairs(tok, pairs, str(tmp_path / "out"), per_part=3, batch_size=2)
+    assert summary["parts"] == 3 and summary["pairs"] == 7
+    records = list(token_records.read_records(str(tmp_path / "out")))
+    assert [r["caption"] for r in records] == [p.caption for p in pairs]
+    expected = tok.encode(np.stack([pairs_lib.load_pair_image(p, 32) for p in pairs]))
+    np.testing.assert_array_equal(np.stack([r["codes"] for r in records]), expected)
+    assert len({tuple(c) for c in expected}) > 1          # different images, different tokens
+
+
+def test_a_killed_job_resumes_to_the_same_files(tok, tmp_path):
+    pairs = _pairs(str(tmp_path))
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    token_records.encode_pairs(tok, pairs, full, per_part=2, batch_size=3)
+    token_records.encode_pairs(tok, pairs, cut, per_part=2, batch_size=3)
+    # As if killed while writing part 2: the done marker and parts 2.. are gone, a temporary file is left.
+    os.remove(os.path.join(cut, "pairs-host000.done.json"))
+    for k in (2, 3):
+        os.remove(token_records.part_path(cut, 0, k))
+    open(token_records.part_path(cut, 0, 2) + ".tmp", "wb").write(b"half a part")
+    token_records.encode_pairs(tok, pairs, cut, per_part=2, batch_size=3)
+    names = sorted(f for f in os.listdir(full) if f.endswith(".array_record"))
+    assert names == sorted(f for f in os.listdir(cut) if f.endswith(".array_record")) and len(names) == 4
+    for name in names:
+        assert open(os.path.join(full, name), "rb").read() == open(os.path.join(cut, name), "rb").read()
+
+
+def test_hosts_split_the_pairs(tok, tmp_path):
+    pairs = _pairs(str(tmp_path))
+    out = str(tmp_path / "out")
+    for host in (0, 1):
+        token_records.encode_pairs(tok, pairs, out, per_part=10, batch_size=4, host=host, num_hosts=2)
+    captions = sorted(r["caption"] for r in token_records.read_records(out))
+    assert captions == sorted(p.caption for p in pairs)
+
+
+def test_bad_records_and_missing_folders_are_named(tmp_path):
+    with pytest.raises(ValueError, match="encode_pairs"):
+        token_records.decode_record(b"\x00not json")
+    with pytest.raises(FileNotFoundError, match="mode=encode_pairs"):
+        token_records.record_paths(str(tmp_path))
+
+
+def test_main_mode(tmp_path, tmp_path_factory):
+    workdir, _ = tiny_configs.shared_run(tmp_path_factory)
+    pairs = _pairs(str(tmp_path), n=3)
+    jsonl = str(tmp_path / "pairs.jsonl")
+    pairs_lib.write_pairs(jsonl, pairs)
+    tiny_configs.run_main(tmp_path / "t2i", "--config.mode=encode_pairs", f"--config.pairs.jsonl={jsonl}",
+                          f"--config.pairs.tokenizer_workdir={workdir}", "--config.batch_size=2",
+                          arg=tiny_configs.SHARED_ARG, cache_dir=tiny_configs.compile_cache(tmp_path_factory))
+    records = list(token_records.read_records(str(tmp_path / "t2i" / "token_records")))
+    trained = Tokenizer.from_workdir(str(workdir))
+    expected = trained.encode(np.stack([pairs_lib.load_pair_image(p, 32) for p in pairs]))
+    np.testing.assert_array_equal(np.stack([r["codes"] for r in records]), expected)
+    done = json.load(open(tmp_path / "t2i" / "token_records" / "pairs-host000.done.json"))
+    assert done["pairs"] == 3 and done["num_tokens"] == trained.num_tokens

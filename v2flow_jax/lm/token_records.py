@@ -1,0 +1,128 @@
+"""config.mode == 'encode_pairs': every image of a pairs JSONL encoded once into token-id records.
+
+The LLM stage trains on (caption, token ids) and never needs the image tokenizer again. The job is
+the latent cache's (cache_latents.py) shape: each host takes every process_count-th pair from its
+index on; output is cut into parts `<out>/pairs-host<H>-part<K>.array_record` of
+`config.pairs.per_part` records, each written under a temporary name and renamed when complete, so a
+killed job restarts after its last complete part and produces the same files; `pairs-host<H>.done.json`
+marks a finished host. A record is UTF-8 JSON: {"caption": str, "codes": [int, ...], "image": str}.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from typing import Iterator
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+from array_record.python import array_record_module as ar
+
+from v2flow_jax.cache_latents import complete_parts
+from v2flow_jax.data import pairs as pairs_lib
+
+SPLIT = "pairs"
+
+
+def encode_record(caption: str, codes, image: str = "") -> bytes:
+    return json.dumps({"caption": caption, "codes": [int(c) for c in np.asarray(codes).reshape(-1)],
+                       "image": image}).encode("utf-8")
+
+
+def decode_record(record: bytes) -> dict:
+    try:
+        out = json.loads(record.decode("utf-8"))
+        out["codes"] = np.asarray(out["codes"], np.int32)
+        str(out["caption"])
+    except Exception as e:
+        raise ValueError(f"not a token record ({type(e).__name__}: {e}); records come from mode=encode_pairs.") from e
+    return out
+
+
+def part_path(out_dir: str, host: int, part: int) -> str:
+    return os.path.join(out_dir, f"{SPLIT}-host{host:03d}-part{part:05d}.array_record")
+
+
+def _write_part(path: str, records: list[bytes]) -> None:
+    tmp = path + ".tmp"
+    writer = ar.ArrayRecordWriter(tmp, "group_size:1")
+    for r in records:
+        writer.write(r)
+    writer.close()
+    os.replace(tmp, path)
+
+
+def record_paths(out_dir: str) -> list[str]:
+    """The complete parts in `out_dir`, host by host, part by part (temporary files excluded)."""
+    paths = sorted(glob.glob(os.path.join(out_dir, f"{SPLIT}-host*-part*.array_record")))
+    if not paths:
+        raise FileNotFoundError(f"no token records in {out_dir}: run mode=encode_pairs first.")
+    return paths
+
+
+def record_source(out_dir: str) -> grain.sources.ArrayRecordDataSource:
+    """Random access to every record (raw bytes; `decode_record` each), for a grain pipeline."""
+    return grain.sources.ArrayRecordDataSource(record_paths(out_dir))
+
+
+def read_records(out_dir: str) -> Iterator[dict]:
+    source = record_source(out_dir)
+    for i in range(len(source)):
+        yield decode_record(source[i])
+
+
+def encode_pairs(image_tokenizer, pairs: list[pairs_lib.Pair], out_dir: str, *, per_part: int = 1024,
+                 batch_size: int = 32, host: int | None = None, num_hosts: int | None = None) -> dict:
+    """Encodes this host's share of `pairs` with a `v2flow_jax.api.Tokenizer` into parts (resumable)."""
+    if per_part <= 0 or batch_size <= 0:
+        raise ValueError(f"config.pairs.per_part={per_part} and batch_size={batch_size} must be positive.")
+    host = jax.process_index() if host is None else host
+    num_hosts = jax.process_count() if num_hosts is None else num_hosts
+    os.makedirs(out_dir, exist_ok=True)
+    done = os.path.join(out_dir, f"{SPLIT}-host{host:03d}.done.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)
+    mine = pairs[host::num_hosts]
+    skip_parts = complete_parts(out_dir, SPLIT, host)
+    start = skip_parts * per_part
+    size = image_tokenizer.config.image_size
+    logging.info("Encoding %d pairs (host %d of %d) into %s; %d complete parts already there.",
+                 len(mine), host, num_hosts, out_dir, skip_parts)
+    part, pending, t0 = skip_parts, [], time.perf_counter()
+    for first in range(start, len(mine), batch_size):
+        chunk = mine[first:first + batch_size]
+        images = np.stack([pairs_lib.load_pair_image(p, size) for p in chunk])
+        codes = image_tokenizer.encode(images)
+        pending += [encode_record(p.caption, c, p.image_path) for p, c in zip(chunk, codes)]
+        while len(pending) >= per_part:
+            _write_part(part_path(out_dir, host, part), pending[:per_part])
+            pending, part = pending[per_part:], part + 1
+            done_n = part * per_part - start
+            rate = done_n / (time.perf_counter() - t0)
+            logging.info("  part %d written: %d / %d pairs, %.1f pairs/s, ETA %.0f s", part, part * per_part,
+                         len(mine), rate, (len(mine) - part * per_part) / max(rate, 1e-9))
+    if pending:
+        _write_part(part_path(out_dir, host, part), pending)
+        part += 1
+    summary = {"host": host, "pairs": len(mine), "parts": part, "num_tokens": image_tokenizer.num_tokens}
+    with open(done + ".tmp", "w") as f:
+        json.dump(summary, f)
+    os.replace(done + ".tmp", done)
+    logging.info("Token records complete: %s", summary)
+    return summary
+
+
+def run(config, workdir: str) -> dict:
+    """The main mode: config.pairs.{jsonl, tokenizer_workdir, output_dir, per_part}."""
+    from v2flow_jax.api import Tokenizer
+    p = config.pairs
+    if not p.jsonl or not p.tokenizer_workdir:
+        raise ValueError("mode=encode_pairs needs --config.pairs.jsonl=<pairs.jsonl> and "
+                         "--config.pairs.tokenizer_workdir=<a trained tokenizer's workdir>.")
+    tok = Tokenizer.from_workdir(p.tokenizer_workdir)
+    return encode_pairs(tok, pairs_lib.read_pairs(p.jsonl), p.output_dir or os.path.join(workdir, "token_records"),
+                        per_part=int(p.per_part), batch_size=int(config.batch_size))
