@@ -85,3 +85,36 @@ def test_main_mode(tmp_path, tmp_path_factory):
     np.testing.assert_array_equal(np.stack([r["codes"] for r in records]), expected)
     done = json.load(open(tmp_path / "t2i" / "token_records" / "pairs-host000.done.json"))
     assert done["pairs"] == 3 and done["num_tokens"] == trained.num_tokens
+
+
+def test_conversation_batches_from_records(tok, tmp_path):
+    from test_conversation import TEMPLATE, _word_tokenizer
+    from v2flow_jax.lm import conversation_data
+    from v2flow_jax.lm.conversation import ChatFormat
+    from v2flow_jax.lm.visual_vocab import VisualVocab
+    pairs = _pairs(str(tmp_path))
+    pairs = [pairs_lib.Pair(p.image_path, f"w{9 + i}") for i, p in enumerate(pairs)]
+    out = str(tmp_path / "out")
+    token_records.encode_pairs(tok, pairs, out, per_part=4, batch_size=4)
+    chat = ChatFormat(_word_tokenizer(size=40, template=TEMPLATE), VisualVocab(text_size=40, num_visual=64))
+    length = chat.response_length(tok.num_tokens) + 8
+    loader, n = conversation_data.conversation_loader(
+        out, chat, seq_len=length, batch_size=4, seed=0, empty_caption_fraction=0.5)
+    assert n == 7
+    batches = [b for b, _ in zip(iter(loader), range(20))]
+    assert batches[0]["inputs"].shape == (4, length)
+    codes = {r["caption"]: r["codes"] for r in token_records.read_records(out)}
+    empty_prompt = chat.prompt_ids("")
+    empties = 0
+    for b in batches:
+        for inputs, targets, mask in zip(b["inputs"], b["targets"], b["loss_mask"]):
+            response = targets[mask == 1]
+            visual = response[1:1 + tok.num_tokens] - 40
+            prompt = list(inputs[:int(np.argmax(mask)) + 1])
+            if prompt == empty_prompt:
+                empties += 1
+                assert any((visual == c).all() for c in codes.values())
+            else:
+                caption = f"w{prompt[2]}"
+                np.testing.assert_array_equal(visual, codes[caption])   # each caption with its own tokens
+    assert 15 < empties < 65                                            # about half of 80 captions dropped
