@@ -12,7 +12,7 @@ from v2flow_jax.data import settings
 from v2flow_jax.models.tokenizer import TokenizerConfig
 from v2flow_jax.sampling import SamplerConfig
 
-MODES = ("train", "evaluate", "params", "cache_latents", "encode_pairs")
+MODES = ("train", "evaluate", "params", "cache_latents", "encode_pairs", "finetune_llm")
 
 
 def _dataclass_defaults(cls) -> dict:
@@ -57,6 +57,14 @@ def base_config() -> ml_collections.ConfigDict:
     # mode=encode_pairs (lm/token_records.py): a pairs JSONL ({"image", "caption"} lines) encoded by a
     # trained tokenizer (its workdir) into token-id records for the LLM stage; output_dir '' = <workdir>/token_records.
     c.pairs = ml_collections.ConfigDict(dict(jsonl="", tokenizer_workdir="", output_dir="", per_part=1024))
+    # mode=finetune_llm (lm/finetune_run.py): the LLM stage. checkpoint: a .gguf, a HF directory or
+    # package:<name>; records_dir '' = <tokenizer_workdir>/token_records; seq_len 0 = the response + 64.
+    # The optimiser is the paper's: Adam without weight decay, cosine after a 3% warm-up, lr 2e-5.
+    c.llm = ml_collections.ConfigDict(dict(
+        checkpoint="", tokenizer_workdir="", records_dir="", seq_len=0, batch_size=1024, num_steps=1000,
+        learning_rate=2e-5, warmup_fraction=0.03, grad_clip=1.0, empty_caption_fraction=0.1,
+        head_init="codebook", untie=False, system="", dtype="bfloat16", scan_layers=True, remat_policy="none",
+        log_every=10, checkpoint_every=500, keep_checkpoints=2))
 
     # Optimisation (REFERENCE section 6): lr = base_lr * global_batch / 256.
     c.batch_size = 768            # global

@@ -3,7 +3,8 @@
 Without --config it runs the embedded CPU demo (configs/tok256.py:demo). `config.mode` picks the job:
 train (resumes from --workdir), evaluate (the latest checkpoint), params (print the parameter table
 and exit), cache_latents (encode a dataset once into array_record shards), encode_pairs (a
-text-image pairs JSONL into token-id records for the LLM stage, lm/token_records.py).
+text-image pairs JSONL into token-id records for the LLM stage, lm/token_records.py), finetune_llm
+(extend an LLM with a trained tokenizer's codes and fine-tune it on those records, lm/finetune_run.py).
 """
 from __future__ import annotations
 
@@ -71,6 +72,9 @@ def main(argv):
     elif config.mode == "encode_pairs":
         from v2flow_jax.lm import token_records
         result = token_records.run(config, workdir)
+    elif config.mode == "finetune_llm":
+        from v2flow_jax.lm import finetune_run
+        result = finetune_run.run(config, workdir)
     else:
         raise ValueError(f"config.mode={config.mode!r} is not one of {config_defaults.MODES}.")
     logging.info("Done: %s", result)
