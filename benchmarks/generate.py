@@ -62,7 +62,7 @@ def one_b():
     torch.manual_seed(0)
     torch_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ONE_B)).eval()
     state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
-    config = llama.LlamaConfig.from_hf_dict(ONE_B, dtype=jnp.float32)
+    config = llama.LlamaConfig.from_hf_dict(torch_model.config.to_dict(), dtype=jnp.float32)
     params = hf_llama.assemble_params(config, lambda m, layer: state[m.name(layer)])
     return params, config, torch_model
 
