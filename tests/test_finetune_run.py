@@ -99,3 +99,14 @@ def test_finetune_resume_and_export(parts, tmp_path_factory, tmp_path):
     with torch.no_grad():
         theirs = theirs_model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+    # mode=generate_images on the export: one PNG per prompt and a grid.
+    root, tok_workdir, _ = parts
+    cmd = [sys.executable, "-m", "v2flow_jax.main", f"--config={ROOT}/configs/t2i_smollm2.py",
+           f"--workdir={tmp_path / 'run'}", "--config.mode=generate_images", "--config.generate.prompts=w9|w10|w11",
+           f"--config.generate.tokenizer_workdir={tok_workdir}", "--config.generate.cfg_scale=2.0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=tiny_configs.main_env(1, tiny_configs.compile_cache(tmp_path_factory)),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    made = sorted(os.listdir(tmp_path / "run" / "generated"))
+    assert made == ["0000_w9.png", "0001_w10.png", "0002_w11.png", "grid.png"]

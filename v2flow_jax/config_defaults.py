@@ -12,7 +12,7 @@ from v2flow_jax.data import settings
 from v2flow_jax.models.tokenizer import TokenizerConfig
 from v2flow_jax.sampling import SamplerConfig
 
-MODES = ("train", "evaluate", "params", "cache_latents", "encode_pairs", "finetune_llm")
+MODES = ("train", "evaluate", "params", "cache_latents", "encode_pairs", "finetune_llm", "generate_images")
 
 
 def _dataclass_defaults(cls) -> dict:
@@ -65,6 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
         learning_rate=2e-5, warmup_fraction=0.03, grad_clip=1.0, empty_caption_fraction=0.1,
         head_init="codebook", untie=False, system="", dtype="bfloat16", scan_layers=True, remat_policy="none",
         log_every=10, checkpoint_every=500, keep_checkpoints=2))
+    # mode=generate_images (lm/t2i.py): prompts ('a|b|c' or a .txt, one a line) -> PNGs and a grid, from a
+    # finetune_llm export (model_dir '' = <workdir>/hf_model) and its image tokenizer's workdir.
+    c.generate = ml_collections.ConfigDict(dict(
+        prompts="", model_dir="", tokenizer_workdir="", output_dir="", batch_size=8, greedy=False,
+        temperature=1.0, top_k=0, top_p=1.0, cfg_scale=3.0, dtype="float32"))
 
     # Optimisation (REFERENCE section 6): lr = base_lr * global_batch / 256.
     c.batch_size = 768            # global

@@ -4,7 +4,8 @@ Without --config it runs the embedded CPU demo (configs/tok256.py:demo). `config
 train (resumes from --workdir), evaluate (the latest checkpoint), params (print the parameter table
 and exit), cache_latents (encode a dataset once into array_record shards), encode_pairs (a
 text-image pairs JSONL into token-id records for the LLM stage, lm/token_records.py), finetune_llm
-(extend an LLM with a trained tokenizer's codes and fine-tune it on those records, lm/finetune_run.py).
+(extend an LLM with a trained tokenizer's codes and fine-tune it on those records, lm/finetune_run.py),
+generate_images (prompts -> PNGs and a grid from a fine-tuned export, lm/t2i.py).
 """
 from __future__ import annotations
 
@@ -75,6 +76,9 @@ def main(argv):
     elif config.mode == "finetune_llm":
         from v2flow_jax.lm import finetune_run
         result = finetune_run.run(config, workdir)
+    elif config.mode == "generate_images":
+        from v2flow_jax.lm import t2i
+        result = t2i.run(config, workdir)
     else:
         raise ValueError(f"config.mode={config.mode!r} is not one of {config_defaults.MODES}.")
     logging.info("Done: %s", result)

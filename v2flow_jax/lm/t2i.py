@@ -85,3 +85,43 @@ def save_generations(images, captions: list[str], out_dir: str, per_row: int = 8
     rows = [pixels[i:i + per_row] for i in range(0, len(pixels), per_row)]
     grid = image_metrics.save_png(os.path.join(out_dir, "grid.png"), image_metrics.image_grid(rows))
     return {"images": files, "grid": grid}
+
+
+def _prompts(spec: str) -> list[str]:
+    """config.generate.prompts: a .txt file (one caption a line) or captions separated by '|'."""
+    if spec.endswith(".txt"):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"config.generate.prompts={spec!r}: no such file (one caption per line).")
+        with open(spec, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    else:
+        prompts = [p.strip() for p in spec.split("|") if p.strip()]
+    if not prompts:
+        raise ValueError("mode=generate_images needs --config.generate.prompts='red apple|dog face' or a .txt file.")
+    return prompts
+
+
+def run(config, workdir: str) -> dict:
+    """The main mode: a fine-tuned export (`<workdir>/hf_model` of mode=finetune_llm) + its image tokenizer
+    -> one PNG per prompt and a grid in config.generate.output_dir (default <workdir>/generated)."""
+    from v2flow_jax.api import Tokenizer
+    from v2flow_jax.lm import finetune_run
+    g = config.generate
+    prompts = _prompts(g.prompts)
+    model_dir = g.model_dir or os.path.join(workdir, "hf_model")
+    if not os.path.isfile(os.path.join(model_dir, "visual_vocab.json")):
+        raise FileNotFoundError(f"{model_dir} is not an export of mode=finetune_llm (no visual_vocab.json): set "
+                                f"--config.generate.model_dir to the run's hf_model folder.")
+    if not g.tokenizer_workdir:
+        raise ValueError("mode=generate_images needs --config.generate.tokenizer_workdir=<the image tokenizer's "
+                         "workdir the LLM was fine-tuned with>.")
+    model, params, chat = finetune_run.load_exported(model_dir, dtype=jnp.dtype(g.dtype))
+    pipeline = TextToImage(model, params, chat, Tokenizer.from_workdir(g.tokenizer_workdir))
+    sampling = gen.Sampling(greedy=bool(g.greedy), temperature=float(g.temperature), top_k=int(g.top_k),
+                            top_p=float(g.top_p), cfg_scale=float(g.cfg_scale))
+    images = []
+    for i in range(0, len(prompts), int(g.batch_size)):
+        chunk = prompts[i:i + int(g.batch_size)]
+        images.append(pipeline.generate(chunk, jax.random.fold_in(jax.random.key(config.seed), i), sampling))
+    out = save_generations(np.concatenate(images), prompts, g.output_dir or os.path.join(workdir, "generated"))
+    return {"prompts": len(prompts), "grid": out["grid"]}
