@@ -14,7 +14,8 @@ pairs make 4 steps an epoch at 1024).
 
 Arguments: `:demo` a CPU run of a few hundred steps at a higher learning rate (1e-4, batch 16).
 Neither the full run nor the demo has been measured yet: the tokenizer trained on the emojis (the
-first half of the demo) does not exist yet.
+first half of the demo) does not exist yet, and a new-user trial measured 14-17 s a step at batch 2 on
+the 2-core CPU (with other work running), so the demo as set here would take hours: it is to be sized.
 """
 from v2flow_jax import config_args, config_defaults
 

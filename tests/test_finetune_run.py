@@ -4,6 +4,7 @@ Checks what a user gets: the run trains (loss falls), resumes after it stops, an
 directory that transformers loads with our logits, and whose extended tokenizer spells the visual tokens.
 """
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -17,9 +18,10 @@ import pytest
 import tiny_configs
 from test_conversation import TEMPLATE, _word_tokenizer
 from test_token_records import _pairs
+from v2flow_jax import sharding
 from v2flow_jax.api import Tokenizer
 from v2flow_jax.convert import hf_llama
-from v2flow_jax.lm import finetune_run, llama, token_records
+from v2flow_jax.lm import finetune_run, llama, t2i, token_records
 from v2flow_jax.lm.visual_vocab import visual_token_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +32,19 @@ def _load_config(name, arg=""):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
+
+
+def test_llm_fields_are_checked_before_loading():
+    config = _load_config("t2i_smollm2.py")
+    config.llm.update(head_init="mean", empty_caption_fraction=1.0, batch_size=0)
+    with pytest.raises(ValueError) as e:
+        finetune_run.validate(config, sharding.make_mesh([("data", 1)], jax.devices()[:1]))
+    for field in ("head_init", "empty_caption_fraction", "batch_size", "tokenizer_workdir"):
+        assert f"config.llm.{field}" in str(e.value)
+    with pytest.raises(ValueError, match="config.llm.checkpoint is empty"):
+        finetune_run._resolve("")
+    with pytest.raises(FileNotFoundError, match="config.llm.checkpoint='package:no_such_pkg'"):
+        finetune_run._resolve("package:no_such_pkg")
 
 
 def test_t2i_configs_load():
@@ -104,9 +119,19 @@ def test_finetune_resume_and_export(parts, tmp_path_factory, tmp_path):
     root, tok_workdir, _ = parts
     cmd = [sys.executable, "-m", "v2flow_jax.main", f"--config={ROOT}/configs/t2i_smollm2.py",
            f"--workdir={tmp_path / 'run'}", "--config.mode=generate_images", "--config.generate.prompts=w9|w10|w11",
-           f"--config.generate.tokenizer_workdir={tok_workdir}", "--config.generate.cfg_scale=2.0"]
+           "--config.generate.cfg_scale=2.0"]     # the image tokenizer: the one the export records
     proc = subprocess.run(cmd, cwd=ROOT, env=tiny_configs.main_env(1, tiny_configs.compile_cache(tmp_path_factory)),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-5000:]
     made = sorted(os.listdir(tmp_path / "run" / "generated"))
     assert made == ["0000_w9.png", "0001_w10.png", "0002_w11.png", "grid.png"]
+
+    # An image tokenizer other than the one the LLM was tuned with is refused.
+    info_path = os.path.join(out, "visual_vocab.json")
+    info = json.load(open(info_path))
+    assert info["tokenizer_workdir"] == os.path.abspath(tok_workdir) and len(info["codebook_sha256"]) == 16
+    json.dump(dict(info, codebook_sha256="0" * 16), open(info_path, "w"))
+    config = _load_config("t2i_smollm2.py")
+    config.mode, config.generate.prompts = "generate_images", "w9"
+    with pytest.raises(ValueError, match="not the one"):
+        t2i.run(config, str(tmp_path / "run"))

