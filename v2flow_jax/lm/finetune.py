@@ -61,7 +61,7 @@ def train_step(model: llama.Llama, optimizer: optax.GradientTransformation, para
     """One Adam step on a batch of {inputs, targets, loss_mask} (B, T) -> params, opt_state, metrics."""
     (_, metrics), grads = jax.value_and_grad(functools.partial(loss_fn, model), has_aux=True)(params, batch)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     return optax.apply_updates(params, updates), opt_state, metrics
 
 
