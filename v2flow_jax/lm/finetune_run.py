@@ -3,9 +3,10 @@
     python -m v2flow_jax.main --config=configs/t2i_smollm2.py --workdir=runs/t2i \
         --config.llm.tokenizer_workdir=runs/emoji_tok --config.llm.records_dir=runs/emoji_tok/token_records
 
-What it does, in order: reads the LLM (a .gguf file, a HF directory, or `package:<name>`) straight
-into its shardings on the config's mesh; reads the image tokenizer's codebook from its workdir and
-extends the LLM (lm/extend.py) and its text tokenizer; builds conversations from the token records
+What it does, in order: reads the LLM (a .gguf file, a HF directory, or `package:<name>`) into host
+memory, extends it with the image tokenizer's codebook (lm/extend.py; the embedding table and head
+grow, so they are rebuilt on the host) and places every parameter in its sharding on the config's
+mesh; extends the text tokenizer; builds conversations from the token records
 (lm/conversation_data.py); trains with the paper's recipe (lm/finetune.py), checkpointing params,
 optimizer state and the data-iterator state (resumes where it stopped); at the end writes the
 fine-tuned model as a HF directory (`<workdir>/hf_model`: config.json, safetensors, the extended
