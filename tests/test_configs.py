@@ -72,3 +72,11 @@ def test_an_override_of_a_missing_field_is_one_line_not_a_traceback(tmp_path):
     assert proc.returncode != 0
     assert "--config.num_stepz names a field the config does not have" in proc.stderr
     assert "Traceback" not in proc.stderr and not os.listdir(tmp_path)
+
+
+def test_every_mode_has_a_job():
+    import importlib
+    from v2flow_jax import config_defaults, main
+    assert set(main.JOBS) | {"params"} == set(config_defaults.MODES)
+    for module, function in main.JOBS.values():
+        assert callable(getattr(importlib.import_module(module), function))

@@ -9,6 +9,7 @@ generate_images (prompts -> PNGs and a grid from a fine-tuned export, lm/t2i.py)
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 from absl import app, flags, logging
@@ -28,6 +29,18 @@ except (AttributeError, KeyError) as e:
                      "model's in models/tokenizer.py TokenizerConfig).") from None
 flags.DEFINE_string("workdir", "runs/demo", "Directory for checkpoints, metrics.json, grids and TensorBoard events.")
 flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() first (multi-host pods and clusters).")
+
+
+# config.mode -> (module, function(config, workdir)); imported only when chosen (the LLM stage needs
+# transformers, the tokenizer's modes do not).
+JOBS = {
+    "train": ("v2flow_jax.train", "train_and_evaluate"),
+    "evaluate": ("v2flow_jax.api", "evaluate_checkpoint"),
+    "cache_latents": ("v2flow_jax.cache_latents", "run"),
+    "encode_pairs": ("v2flow_jax.lm.token_records", "run"),
+    "finetune_llm": ("v2flow_jax.lm.finetune_run", "run"),
+    "generate_images": ("v2flow_jax.lm.t2i", "run"),
+}
 
 
 def _quiet_orbax():
@@ -60,27 +73,11 @@ def main(argv):
         from v2flow_jax import summary
         print(summary.parameter_table(config))
         return
-    os.makedirs(workdir, exist_ok=True)
-    if config.mode == "train":
-        from v2flow_jax import train
-        result = train.train_and_evaluate(config, workdir)
-    elif config.mode == "evaluate":
-        from v2flow_jax import api
-        result = api.evaluate_checkpoint(config, workdir)
-    elif config.mode == "cache_latents":
-        from v2flow_jax import cache_latents
-        result = cache_latents.run(config, workdir)
-    elif config.mode == "encode_pairs":
-        from v2flow_jax.lm import token_records
-        result = token_records.run(config, workdir)
-    elif config.mode == "finetune_llm":
-        from v2flow_jax.lm import finetune_run
-        result = finetune_run.run(config, workdir)
-    elif config.mode == "generate_images":
-        from v2flow_jax.lm import t2i
-        result = t2i.run(config, workdir)
-    else:
+    if config.mode not in JOBS:
         raise ValueError(f"config.mode={config.mode!r} is not one of {config_defaults.MODES}.")
+    os.makedirs(workdir, exist_ok=True)
+    module, function = JOBS[config.mode]
+    result = getattr(importlib.import_module(module), function)(config, workdir)
     logging.info("Done: %s", result)
 
 
