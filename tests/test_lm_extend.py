@@ -61,6 +61,20 @@ def test_untied_head_rows(head_init):
     np.testing.assert_allclose(visual, expected, atol=1e-6)
 
 
+def test_text_median_row_norm_keeps_directions_at_a_words_length():
+    config = _config(True)
+    params, codebook = _params(config), _codebook()
+    new, _, vocab = extend.extend_llama(params, config, codebook, row_norm="text_median")
+    table = np.asarray(new["embed_tokens"]["embedding"])
+    visual = table[vocab.first_visual:vocab.boi]
+    median = np.median(np.linalg.norm(np.asarray(params["embed_tokens"]["embedding"]), axis=1))
+    assert abs(median - 1.0) > 0.3                                   # the test means something: not unit already
+    np.testing.assert_allclose(np.linalg.norm(visual, axis=1), median, rtol=1e-5)
+    np.testing.assert_allclose(visual / np.linalg.norm(visual, axis=1, keepdims=True), codebook, atol=1e-6)
+    with pytest.raises(ValueError, match="visual_row_norm"):
+        extend.extend_llama(params, config, codebook, row_norm="bigger")
+
+
 def test_untie_makes_a_head_from_the_extended_table():
     config = _config(True)
     params, codebook = _params(config), _codebook()

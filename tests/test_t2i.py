@@ -46,3 +46,64 @@ def test_mismatched_vocabularies_are_refused(pipeline):
     chat = ChatFormat(pipeline.chat.tokenizer, extend.VisualVocab(text_size=40, num_visual=10))
     with pytest.raises(ValueError, match="extended together"):
         t2i.TextToImage(pipeline.llm_model, pipeline.llm_params, chat, pipeline.image_tokenizer)
+
+
+class _FakeWriter:
+    """Stands in for TextToImage: writes the codes a table gives each caption (the LLM is not under test)."""
+
+    def __init__(self, image_tokenizer, codes_by_caption):
+        self.image_tokenizer, self.table, self.calls = image_tokenizer, codes_by_caption, []
+
+    def codes(self, captions, rng, sampling):
+        self.calls.append(sampling)
+        return np.stack([self.table[c] for c in captions])
+
+
+def test_t2i_evaluation_compares_generations_with_the_tokenizers_own_reconstruction(tmp_path, tmp_path_factory):
+    from v2flow_jax.data import pairs as pairs_lib
+    from v2flow_jax.lm import t2i_eval
+    tok = Tokenizer.from_workdir(str(tiny_configs.shared_run(tmp_path_factory)[0]))   # trained: decodes its codes
+    rng = np.random.RandomState(0)
+    records, held_out = [], []
+    for i in range(5):
+        path = str(tmp_path / f"{i}.png")
+        Image.fromarray(rng.randint(0, 255, (32, 32, 3), np.uint8)).save(path)
+        records.append({"caption": f"w{9 + i}", "codes": rng.randint(0, 64, tok.num_tokens), "image": path})
+    held_out = [pairs_lib.Pair(records[0]["image"], "w20"), pairs_lib.Pair(records[1]["image"], "w21")]
+    right = {r["caption"]: r["codes"] for r in records}
+    right.update({"w20": records[3]["codes"], "w21": records[4]["codes"]})
+    writer = _FakeWriter(tok, right)
+    metrics, pictures = t2i_eval.evaluate(writer, records, held_out, records, rng=jax.random.key(0), batch_size=2)
+    assert all(s.greedy for s in writer.calls)
+    # The right codes: the generations are the tokenizer's own reconstructions, to the bit.
+    assert metrics["code_accuracy"] == 1.0 and metrics["exact_images"] == 5
+    assert metrics["seen_psnr_generated"] == metrics["seen_psnr_tokenizer"]
+    # ... and an independent computation of that reconstruction's PSNR agrees.
+    truth = np.stack([np.asarray(Image.open(r["image"]), np.float32) / 127.5 - 1 for r in records])
+    _, decode_rng = jax.random.split(jax.random.key(0))
+    codes = np.stack([r["codes"] for r in records] + [records[-1]["codes"]])     # batches of 2, the last padded
+    recon = np.concatenate([tok.decode(codes[i:i + 2], decode_rng) for i in range(0, 6, 2)])[:5]
+    psnr = np.mean(10 * np.log10(1.0 / np.mean(((np.clip(truth, -1, 1) + 1) / 2 - (np.clip(recon, -1, 1) + 1) / 2) ** 2,
+                                                axis=(1, 2, 3))))
+    assert abs(metrics["seen_psnr_tokenizer"] - psnr) < 1e-3
+    assert metrics["seen_psnr_floor_grey"] < metrics["seen_psnr_floor_patch_mean"]
+    assert metrics["held_out_images"] == 2 and np.isfinite(metrics["held_out_psnr_nearest_training"])
+    assert pictures["held_out"].shape[0] == 2 + 2 * (2 * 32 + 2) and pictures["seen"].dtype == np.uint8
+
+    # Another caption's codes: no longer exact, and the score moves.
+    rolled = {c: right[records[(i + 1) % 5]["caption"]] for i, c in enumerate(right) if i < 5}
+    rolled.update(w20=right["w20"], w21=right["w21"])
+    metrics, _ = t2i_eval.evaluate(_FakeWriter(tok, rolled), records, [], records, rng=jax.random.key(0), batch_size=2)
+    assert metrics["exact_images"] == 0 and metrics["code_accuracy"] < 0.2
+    assert metrics["seen_psnr_generated"] != metrics["seen_psnr_tokenizer"]
+    assert "held_out_images" not in metrics
+
+
+def test_in_batches_pads_the_last_chunk_and_nearest_by_pixels():
+    from v2flow_jax.lm import t2i_eval
+    seen = []
+    out = t2i_eval.in_batches(lambda c: (seen.append(len(c)), np.asarray(c) * 2)[1], [1, 2, 3, 4, 5], 2)
+    np.testing.assert_array_equal(out, [2, 4, 6, 8, 10])
+    assert seen == [2, 2, 2]                                   # fixed shapes: the last chunk is padded
+    pool = np.random.RandomState(1).rand(6, 4, 4, 3)
+    np.testing.assert_array_equal(t2i_eval.nearest_by_pixels(pool[[4, 1]] + 0.01, pool), [4, 1])

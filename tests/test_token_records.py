@@ -71,6 +71,16 @@ def test_bad_records_and_missing_folders_are_named(tmp_path):
         token_records.record_paths(str(tmp_path))
 
 
+def test_evenly_spaced_subset():
+    items = list(range(10))
+    assert token_records.evenly_spaced(items, 0) == items
+    assert token_records.evenly_spaced(items, 20) == items
+    assert token_records.evenly_spaced(items, 3) == [0, 3, 6]
+    assert token_records.evenly_spaced(items, 5) == [0, 2, 4, 6, 8]
+    with pytest.raises(ValueError, match="config.pairs.limit"):
+        token_records.evenly_spaced(items, -1)
+
+
 def test_main_mode(tmp_path, tmp_path_factory):
     workdir, _ = tiny_configs.shared_run(tmp_path_factory)
     pairs = _pairs(str(tmp_path), n=3)

@@ -12,7 +12,8 @@ from v2flow_jax.data import settings
 from v2flow_jax.models.tokenizer import TokenizerConfig
 from v2flow_jax.sampling import SamplerConfig
 
-MODES = ("train", "evaluate", "params", "cache_latents", "encode_pairs", "finetune_llm", "generate_images")
+MODES = ("train", "evaluate", "params", "cache_latents", "encode_pairs", "finetune_llm", "generate_images",
+         "evaluate_t2i")
 
 
 def _dataclass_defaults(cls) -> dict:
@@ -56,20 +57,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.cache = ml_collections.ConfigDict(dict(split="train", output_dir="", images_per_part=1024, views=1))
     # mode=encode_pairs (lm/token_records.py): a pairs JSONL ({"image", "caption"} lines) encoded by a
     # trained tokenizer (its workdir) into token-id records for the LLM stage; output_dir '' = <workdir>/token_records.
-    c.pairs = ml_collections.ConfigDict(dict(jsonl="", tokenizer_workdir="", output_dir="", per_part=1024))
+    c.pairs = ml_collections.ConfigDict(dict(jsonl="", tokenizer_workdir="", output_dir="", per_part=1024,
+                                               limit=0))   # limit: that many pairs, evenly spaced; 0 = all
     # mode=finetune_llm (lm/finetune_run.py): the LLM stage. checkpoint: a .gguf, a HF directory or
     # package:<name>; records_dir '' = <tokenizer_workdir>/token_records; seq_len 0 = the response + 64.
     # The optimiser is the paper's: Adam without weight decay, cosine after a 3% warm-up, lr 2e-5.
     c.llm = ml_collections.ConfigDict(dict(
         checkpoint="", tokenizer_workdir="", records_dir="", seq_len=0, batch_size=1024, num_steps=1000,
         learning_rate=2e-5, warmup_fraction=0.03, grad_clip=1.0, empty_caption_fraction=0.1,
-        head_init="codebook", untie=False, system="", dtype="bfloat16", scan_layers=True, remat_policy="none",
+        head_init="codebook", visual_row_norm="codebook", untie=False, system="", dtype="bfloat16", scan_layers=True, remat_policy="none",
         log_every=10, checkpoint_every=500, keep_checkpoints=2))
     # mode=generate_images (lm/t2i.py): prompts ('a|b|c' or a .txt, one a line) -> PNGs and a grid, from a
     # finetune_llm export (model_dir '' = <workdir>/hf_model) and its image tokenizer's workdir.
     c.generate = ml_collections.ConfigDict(dict(
         prompts="", model_dir="", tokenizer_workdir="", output_dir="", batch_size=8, greedy=False,
-        temperature=1.0, top_k=0, top_p=1.0, cfg_scale=3.0, dtype="float32"))
+        temperature=1.0, top_k=0, top_p=1.0, cfg_scale=3.0, dtype="float32",
+        # mode=evaluate_t2i (lm/t2i_eval.py): greedy generations for the first num_seen training records
+        # against their images and the tokenizer's own reconstructions; a grid for held_out (a pairs JSONL).
+        held_out="", num_seen=64, num_held_out=16))
 
     # Optimisation (REFERENCE section 6): lr = base_lr * global_batch / 256.
     c.batch_size = 768            # global

@@ -5,7 +5,8 @@ train (resumes from --workdir), evaluate (the latest checkpoint), params (print 
 and exit), cache_latents (encode a dataset once into array_record shards), encode_pairs (a
 text-image pairs JSONL into token-id records for the LLM stage, lm/token_records.py), finetune_llm
 (extend an LLM with a trained tokenizer's codes and fine-tune it on those records, lm/finetune_run.py),
-generate_images (prompts -> PNGs and a grid from a fine-tuned export, lm/t2i.py).
+generate_images (prompts -> PNGs and a grid from a fine-tuned export, lm/t2i.py), evaluate_t2i
+(greedy generations against the true images and the tokenizer's own reconstructions, lm/t2i_eval.py).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ JOBS = {
     "encode_pairs": ("v2flow_jax.lm.token_records", "run"),
     "finetune_llm": ("v2flow_jax.lm.finetune_run", "run"),
     "generate_images": ("v2flow_jax.lm.t2i", "run"),
+    "evaluate_t2i": ("v2flow_jax.lm.t2i_eval", "run"),
 }
 
 

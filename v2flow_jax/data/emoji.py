@@ -248,3 +248,24 @@ def build_emoji_pairs(out_dir: str | os.PathLike, size: int = 64, limit: int | N
     return {"out_dir": out_dir, "size": size, "pairs": len(pairs), "written": written,
             "existing": len(pairs) - written, "train": len(train), "held_out": len(held_out),
             "seconds": round(time.monotonic() - start, 2)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`python -m v2flow_jax.data.emoji OUT_DIR [--size=N] [--limit=N]`: builds the emoji pairs in OUT_DIR."""
+    import argparse
+    import json
+    parser = argparse.ArgumentParser(prog="python -m v2flow_jax.data.emoji", description=main.__doc__)
+    parser.add_argument("out_dir", help="where images/, train.jsonl, held_out.jsonl and ATTRIBUTION.txt go")
+    parser.add_argument("--size", type=int, default=64, help="side of the square PNGs in pixels (default 64)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N captioned emojis")
+    args = parser.parse_args(argv)
+    if args.size < 8:
+        parser.error(f"--size={args.size}: use at least 8 pixels.")
+    logging.set_verbosity(logging.INFO)
+    counts = build_emoji_pairs(args.out_dir, size=args.size, limit=args.limit)
+    print(json.dumps(counts))
+    return counts
+
+
+if __name__ == "__main__":
+    main()

@@ -12,8 +12,8 @@ SPLITS = ("train", "eval")
 # paths are empty strings).
 DEFAULTS = dict(
     source="tfds",              # tfds | folder | demo | latents (cache_latents' array_record parts)
-    path="",                    # folder / latents: the training directory
-    eval_path="",               # folder / latents: the evaluation directory ("" = the training one)
+    path="",                    # folder / latents: the training directory (folder: or a pairs .jsonl)
+    eval_path="",               # folder / latents: the evaluation directory or .jsonl ("" = the training one)
     tfds_name="imagenet2012",
     tfds_data_dir="",
     tfds_image_key="image",

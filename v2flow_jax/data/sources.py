@@ -221,9 +221,18 @@ def folder_entries(config_data: Any, split: str) -> tuple[list[tuple[str, str]],
         raise ValueError("config.data.path is not set: source 'folder' needs a directory of images, "
                          "e.g. --config.data.path=/data/imagenet/train")
     root = os.path.expanduser(os.fspath(root))
+    if root.endswith(".jsonl"):
+        # A text-image pairs file (data/pairs.py): its images, in its order (a tokenizer for the LLM stage
+        # trains on the same split of the pairs the LLM is fine-tuned on).
+        from v2flow_jax.data.pairs import read_pairs
+        files = [pair.image_path for pair in read_pairs(root)]
+        if not files:
+            raise ValueError(f"config.data.{field}={root!r} lists no pairs; give a JSONL with one "
+                             '{"image": ..., "caption": ...} object a line, or a folder of images.')
+        return [(f, f) for f in files], root
     if not os.path.isdir(root):
         raise ValueError(f"config.data.{field}={root!r} does not exist or is not a directory; point it at "
-                         f"a folder of images (searched recursively).")
+                         f"a folder of images (searched recursively) or a pairs .jsonl.")
     files = list_image_files(root)
     if not files:
         raise ValueError(f"config.data.{field}={root!r} contains no image files (looked recursively for "

@@ -25,6 +25,11 @@ from v2flow_jax.lm.llama import LlamaConfig
 from v2flow_jax.lm.visual_vocab import BOI, EOI, VisualVocab, visual_token_name
 
 HEAD_INITS = ("codebook", "text_mean", "zeros")
+# The length of the visual rows: "codebook" keeps the unit codebook vectors (the paper's rule, as is);
+# "text_median" scales them to the median norm of the text rows (same directions). The cosine codebook
+# is unit-norm while LLM rows are not (SmolLM2's median is 3.15), so as-is visual tokens enter the LLM
+# (and, tied, leave it) at a third of a word's length.
+ROW_NORMS = ("codebook", "text_median")
 
 
 def _new_rows_like_text(text_rows: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -34,7 +39,7 @@ def _new_rows_like_text(text_rows: np.ndarray, count: int, rng: np.random.Genera
 
 
 def extend_llama(params, config: LlamaConfig, codebook, *, head_init: str = "codebook", untie: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, row_norm: str = "codebook"):
     """(params, config) of a LLaMA + the codebook (N_v, width) -> (params, config, VisualVocab).
 
     `params` is the unrolled or scanned tree `lm.llama` uses; only `embed_tokens` (and `lm_head`)
@@ -42,6 +47,8 @@ def extend_llama(params, config: LlamaConfig, codebook, *, head_init: str = "cod
     """
     if head_init not in HEAD_INITS:
         raise ValueError(f"head_init={head_init!r}: use one of {HEAD_INITS}.")
+    if row_norm not in ROW_NORMS:
+        raise ValueError(f"row_norm={row_norm!r}: use one of {ROW_NORMS} (config.llm.visual_row_norm).")
     codebook = np.asarray(codebook, np.float32)
     if codebook.ndim != 2 or codebook.shape[1] != config.hidden_size:
         raise ValueError(
@@ -58,6 +65,9 @@ def extend_llama(params, config: LlamaConfig, codebook, *, head_init: str = "cod
     rng = np.random.default_rng(seed)
 
     table = np.asarray(params["embed_tokens"]["embedding"], np.float32)
+    if row_norm == "text_median":
+        target = np.median(np.linalg.norm(table, axis=1))
+        codebook = codebook * (target / np.maximum(np.linalg.norm(codebook, axis=1, keepdims=True), 1e-12))
     markers = _new_rows_like_text(table, 2, rng)
     new_table = np.concatenate([table, codebook.astype(table.dtype), markers])
     out = dict(params)

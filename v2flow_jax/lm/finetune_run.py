@@ -45,6 +45,8 @@ def validate(config, mesh) -> None:
     problems = []
     if c.head_init not in extend.HEAD_INITS:
         problems.append(f"config.llm.head_init={c.head_init!r}: use one of {extend.HEAD_INITS}")
+    if c.visual_row_norm not in extend.ROW_NORMS:
+        problems.append(f"config.llm.visual_row_norm={c.visual_row_norm!r}: use one of {extend.ROW_NORMS}")
     if not 0 <= float(c.empty_caption_fraction) < 1:
         problems.append(f"config.llm.empty_caption_fraction={c.empty_caption_fraction} must be in [0, 1)")
     dp = sharding.data_parallel_size(mesh)
@@ -87,7 +89,8 @@ def prepare(config, mesh):
     try:
         params, llm_config, vocab = extend.extend_llama(jax.device_get(params), llm_config,
                                                         t2i.tokenizer_codebook(image_tok), head_init=c.head_init,
-                                                        untie=bool(c.untie), seed=config.seed)
+                                                        untie=bool(c.untie), seed=config.seed,
+                                                        row_norm=c.visual_row_norm)
     except ValueError as e:
         raise ValueError(f"config.llm.tokenizer_workdir={c.tokenizer_workdir!r} with config.llm.checkpoint="
                          f"{c.checkpoint!r}: {e}") from None

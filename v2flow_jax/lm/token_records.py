@@ -116,13 +116,24 @@ def encode_pairs(image_tokenizer, pairs: list[pairs_lib.Pair], out_dir: str, *, 
     return summary
 
 
+def evenly_spaced(pairs: list, limit: int) -> list:
+    """``limit`` pairs spread evenly over the list (all when limit is 0 or not smaller): a subset that
+    keeps the file's variety (OpenMoji's files sort by code point: the first few hundred are flags)."""
+    if limit < 0:
+        raise ValueError(f"config.pairs.limit={limit} must be >= 0 (0: every pair).")
+    if not limit or limit >= len(pairs):
+        return list(pairs)
+    return [pairs[i * len(pairs) // limit] for i in range(limit)]
+
+
 def run(config, workdir: str) -> dict:
-    """The main mode: config.pairs.{jsonl, tokenizer_workdir, output_dir, per_part}."""
+    """The main mode: config.pairs.{jsonl, tokenizer_workdir, output_dir, per_part, limit}."""
     from v2flow_jax.api import Tokenizer
     p = config.pairs
     if not p.jsonl or not p.tokenizer_workdir:
         raise ValueError("mode=encode_pairs needs --config.pairs.jsonl=<pairs.jsonl> and "
                          "--config.pairs.tokenizer_workdir=<a trained tokenizer's workdir>.")
+    pairs = evenly_spaced(pairs_lib.read_pairs(p.jsonl), int(p.get("limit", 0)))
     tok = Tokenizer.from_workdir(p.tokenizer_workdir)
-    return encode_pairs(tok, pairs_lib.read_pairs(p.jsonl), p.output_dir or os.path.join(workdir, "token_records"),
+    return encode_pairs(tok, pairs, p.output_dir or os.path.join(workdir, "token_records"),
                         per_part=int(p.per_part), batch_size=int(config.batch_size))
