@@ -66,8 +66,8 @@ GOOD = '{"image": "a.png", "caption": "fine"}'
     ('["a.png", "a caption"]', "a JSON list, not an object"),
     ('{"caption": "no image"}', "missing key 'image'"),
     ('{"image": "a.png"}', "missing key 'caption'"),
-    ('{"image": 3, "caption": "x"}', "'image' is a int (3), not a string"),
-    ('{"image": "a.png", "caption": null}', "'caption' is a NoneType (None), not a string"),
+    ('{"image": 3, "caption": "x"}', "'image' is a number (3), not a string"),
+    ('{"image": "a.png", "caption": null}', "'caption' is null (None), not a string"),
     ('{"image": "a.png", "caption": "   "}', "'caption' is empty"),
     ('{"image": "missing.png", "caption": "x"}', "image 'missing.png' not found"),
 ])

@@ -55,6 +55,29 @@ def test_a_killed_job_resumes_to_the_same_files(tok, tmp_path):
         assert open(os.path.join(full, name), "rb").read() == open(os.path.join(cut, name), "rb").read()
 
 
+def test_bad_images_are_skipped_counted_and_restarts_still_agree(tok, tmp_path):
+    pairs = _pairs(str(tmp_path))
+    open(pairs[1].image_path, "r+b").truncate(60)                        # a truncated PNG
+    open(pairs[4].image_path, "wb").write(b"this is not an image")
+    good = [p for i, p in enumerate(pairs) if i not in (1, 4)]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    summary = token_records.encode_pairs(tok, pairs, full, per_part=3, batch_size=2)
+    assert summary["pairs"] == 7 and summary["records"] == 5 and sum(summary["skipped"].values()) == 2
+    records = list(token_records.read_records(full))
+    assert [r["caption"] for r in records] == [p.caption for p in good]
+    expected = tok.encode(np.stack([pairs_lib.load_pair_image(p, 32) for p in good]))
+    np.testing.assert_array_equal(np.stack([r["codes"] for r in records]), expected)
+    # Killed after part 0: the restart writes the same parts and keeps counting the skips.
+    token_records.encode_pairs(tok, pairs, cut, per_part=3, batch_size=2)
+    os.remove(os.path.join(cut, "pairs-host000.done.json"))
+    for k in (1, 2):
+        os.remove(token_records.part_path(cut, 0, k))
+    again = token_records.encode_pairs(tok, pairs, cut, per_part=3, batch_size=2)
+    assert again["skipped"] == summary["skipped"]
+    for k in range(3):
+        assert open(token_records.part_path(full, 0, k), "rb").read() == open(token_records.part_path(cut, 0, k), "rb").read()
+
+
 def test_hosts_split_the_pairs(tok, tmp_path):
     pairs = _pairs(str(tmp_path))
     out = str(tmp_path / "out")

@@ -198,6 +198,8 @@ def test_package_with_one_gguf_is_located_without_running_its_code(files, tmp_pa
     os.symlink(files["f32"], pkg / "Tiny.F32.gguf")       # two quantisations: which one is the user's choice
     with pytest.raises(ValueError, match=r"holds 2 \.gguf files .*Tiny\.F32\.gguf.*Tiny\.Q8_0\.gguf.*name one"):
         build.resolve_checkpoint_dir(spec)
+    with pytest.raises(ValueError, match=r"^config\.llm\.checkpoint=.*set config\.llm\.checkpoint to its path"):
+        build.resolve_checkpoint_dir(spec, field="config.llm.checkpoint")   # the LLM stage's field, not ours
     (pkg / "config.json").write_text("{}")                # a HF checkpoint folder wins over stray .gguf files
     assert build.resolve_checkpoint_dir(spec) == str(pkg)
 

