@@ -4,20 +4,24 @@ Layout (one directory per step, written by orbax under a temporary name and rena
 
     <workdir>/checkpoints/<step>/
         state/    the train-state pytree (params, optimizer state, EMA, VQ statistics, step, rng data)
-        data/     process_<i>-of-<n>.json: each process's data-iterator state
+        data/     process_<i>-of-<n>.json: each process's data-iterator state, written by grain's own
+                  orbax handler (grain.checkpoint.CheckpointHandler): the text of the iterator's
+                  get_state() (a DataLoaderIterator's JSON bytes; a DatasetIterator's dict as JSON).
+                  Checkpoints written before that hold {"kind": "bytes"|"str"|"json", ...} there;
+                  they still restore.
         config/   config.json: the config of the run that wrote the checkpoint
 
 Usage in a trainer (every process calls every method; orbax synchronises them):
 
     ckpt = Checkpointer(workdir, keep=3, save_interval_steps=config.ckpt_every)
     if (step := ckpt.latest_step()) is not None:
-        state, data_state, _ = ckpt.restore(step, abstract_state=abstract_state)
-        if data_state is not None:
-            train_iter.set_state(data_state)
+        # train_iter is restored in place; data_restored says whether the checkpoint had its position.
+        state, data_restored, _ = ckpt.restore(step, abstract_state=abstract_state,
+                                               data_iterator=train_iter)
     ...
-    ckpt.save(step, state, data_state=train_iter.get_state(), config=config)
+    ckpt.save(step, state, data_iterator=train_iter, config=config)   # position taken here, now
     ...
-    ckpt.save(final_step, state, data_state=..., config=config, force=True)
+    ckpt.save(final_step, state, data_iterator=train_iter, config=config, force=True)
     ckpt.close()   # waits for the asynchronous write
 """
 from __future__ import annotations
@@ -27,6 +31,7 @@ import json
 import os
 from typing import Any, Mapping
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
@@ -44,6 +49,19 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointDamagedError(RuntimeError):
     """A checkpoint step whose files are missing, truncated or unreadable."""
+
+
+class DataStateMismatchError(CheckpointMismatchError):
+    """A sound data-iterator state that the iterator being restored refuses (the data changed).
+
+    `step` is the checkpoint's step and `config` its saved config dict (None if it has none), so a
+    trainer can say what changed.
+    """
+
+    def __init__(self, message: str, *, step: int, config: dict | None):
+        super().__init__(message)
+        self.step = step
+        self.config = config
 
 
 # ----------------------------------------------------------------------------------------- rng keys
@@ -75,38 +93,65 @@ def config_to_dict(config: Any) -> dict:
     raise TypeError(f"config must be an ml_collections.ConfigDict or a mapping, got {type(config)}.")
 
 
-def encode_data_state(state: Any) -> dict:
-    """Wraps an iterator state for a JSON file, remembering its Python type.
+def _check_iterator(iterator: Any) -> None:
+    for method in ("get_state", "set_state", "start_prefetch"):
+        if not callable(getattr(iterator, method, None)):
+            raise TypeError(f"data_iterator must have get_state(), set_state() and start_prefetch() (a grain "
+                            f"DataLoaderIterator or DatasetIterator); {type(iterator).__name__} has no {method}().")
 
-    grain's `DataLoaderIterator.get_state()` returns JSON text as bytes; a `DatasetIterator`
-    returns a dict. Both come back as they went in, so `iterator.set_state(restored)` just works.
+
+class _StateSnapshot:
+    """The iterator's state taken in the caller's thread at `save` time, for grain's handler.
+
+    orbax 0.12.8 runs a handler that is not an AsyncCheckpointHandler (grain's is not) in a worker thread
+    (`asyncio.to_thread`) and blocks `save` until it is done, so even the iterator itself would be read
+    before `save` returns; the snapshot keeps that true whatever thread or moment a later orbax picks,
+    and keeps the iterator out of other threads. It is given as grain's non-DatasetIterator kind
+    (`get_state()` -> bytes), which grain's handler writes as that text.
     """
-    if isinstance(state, bytes):
+
+    def __init__(self, iterator: Any):
+        _check_iterator(iterator)
+        state = iterator.get_state()
+        if isinstance(iterator, grain.DatasetIterator):   # what grain's handler would write for it
+            try:
+                state = json.dumps(state, indent=4).encode("utf-8")
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"{type(iterator).__name__}.get_state() is not JSON-serialisable: {e}") from e
+        elif not isinstance(state, bytes):
+            raise TypeError(f"{type(iterator).__name__}.get_state() returned {type(state).__name__}; grain's "
+                            "checkpoint handler needs bytes (as a DataLoaderIterator's) unless the iterator is "
+                            "a grain DatasetIterator.")
         try:
-            return {"kind": "bytes", "text": state.decode("utf-8")}
-        except UnicodeDecodeError:
-            return {"kind": "bytes", "base64": base64.b64encode(state).decode("ascii")}
-    if isinstance(state, str):
-        return {"kind": "str", "text": state}
-    try:
-        # Fail here, in the caller's thread, not later inside the asynchronous write.
-        value = json.loads(json.dumps(state))
-    except (TypeError, ValueError) as e:
-        raise TypeError(
-            "data_state must be bytes, str or JSON-serialisable (what a grain iterator's "
-            f"get_state() returns); got {type(state).__name__}: {e}") from e
-    return {"kind": "json", "value": value}
+            state.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TypeError(f"{type(iterator).__name__}.get_state() is not UTF-8 text: {e}") from e
+        self._state = state
+
+    def get_state(self) -> bytes:
+        return self._state
 
 
-def decode_data_state(record: Mapping[str, Any]) -> Any:
-    kind = record["kind"]
-    if kind == "bytes":
+_LEGACY_KINDS = {"bytes": ({"kind", "text"}, {"kind", "base64"}), "str": ({"kind", "text"},),
+                 "json": ({"kind", "value"},)}
+
+
+def _legacy_data_state(record: Any) -> tuple[bool, Any]:
+    """(True, state) for a data file in the format this module wrote before grain's handler, else (False, None).
+
+    That format wrapped get_state() as {"kind": "bytes", "text"|"base64": ...}, {"kind": "str", "text": ...}
+    or {"kind": "json", "value": ...}; neither grain's DataLoaderIterator state nor a DatasetIterator state
+    of ours is a dict of exactly those keys.
+    """
+    if not isinstance(record, dict) or set(record) not in _LEGACY_KINDS.get(record.get("kind"), ()):
+        return False, None
+    if record["kind"] == "bytes":
         if "base64" in record:
-            return base64.b64decode(record["base64"])
-        return record["text"].encode("utf-8")
-    if kind == "str":
-        return record["text"]
-    return record["value"]
+            return True, base64.b64decode(record["base64"])
+        return True, record["text"].encode("utf-8")
+    if record["kind"] == "str":
+        return True, record["text"]
+    return True, record["value"]
 
 
 def _path_str(path: tuple) -> str:
@@ -189,15 +234,12 @@ class Checkpointer:
         self._directory = epath.Path(workdir) / "checkpoints"
         self._interval = int(save_interval_steps)
         self._read_only = read_only
-        # Each process keeps its own iterator state, so every process writes its own file
-        # (primary_host=None); the config is written once, by the primary process.
-        data_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        self._data_file = data_file
+        # Each process keeps its own iterator state, so every process writes its own file (grain's
+        # handler names it so); the config is written once, by the primary process.
+        self._data_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         registry = ocp.handlers.create_default_handler_registry(**{
             STATE: ocp.StandardCheckpointHandler(),
-            DATA: ocp.JsonCheckpointHandler(
-                filename=data_file,
-                multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None)),
+            DATA: grain.checkpoint.CheckpointHandler(),
             CONFIG: ocp.JsonCheckpointHandler(filename=CONFIG_FILENAME),
         })
         options = ocp.CheckpointManagerOptions(
@@ -244,13 +286,16 @@ class Checkpointer:
         """Whether `save` would write at `step` without force (lets callers skip building its inputs)."""
         return int(step) % self._interval == 0
 
-    def save(self, step: int, state: Any, data_state: Any = None, config: Any = None,
+    def save(self, step: int, state: Any, data_iterator: Any = None, config: Any = None,
              force: bool = False) -> bool:
         """Writes a checkpoint at `step` if it falls on the interval (or `force`); True if written.
 
+        `data_iterator` (a grain DataLoaderIterator or DatasetIterator, or an object delegating to one
+        such as input_pipeline.DataIterator) has its position read here, before `save` returns, so
+        the caller may advance it at once, also while the asynchronous write runs.
         A step that is already saved is skipped (returns False), so a final forced save that
         coincides with a periodic one is harmless. With several processes, all must call this
-        with the same step and all or none of them with a data_state.
+        with the same step and all or none of them with a data_iterator.
         """
         step = int(step)
         if self._read_only:
@@ -261,23 +306,31 @@ class Checkpointer:
             return False
         _reject_typed_keys(state, "state")
         items = {STATE: ocp.args.StandardSave(state)}
-        if data_state is not None:
-            items[DATA] = ocp.args.JsonSave(encode_data_state(data_state))
+        if data_iterator is not None:
+            items[DATA] = grain.checkpoint.CheckpointSave(item=_StateSnapshot(data_iterator))
         if config is not None:
             items[CONFIG] = ocp.args.JsonSave(config_to_dict(config))
         return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
 
     # -------------------------------------------------------------------------------- restore
-    def restore(self, step: int | None = None, *, abstract_state: Any,
-                restore_data: bool = True) -> tuple[Any, Any, dict | None]:
-        """Restores (state, data_state, config_dict) from `step` (None = the latest).
+    def restore(self, step: int | None = None, *, abstract_state: Any, data_iterator: Any = None,
+                restore_data: bool = True) -> tuple[Any, bool, dict | None]:
+        """Restores (state, data_restored, config_dict) from `step` (None = the latest).
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding` set (or of arrays,
         whose shardings are used): every array is read straight into that sharding, which may be
         on a different mesh than the one that saved it. Dtypes are cast to the requested ones.
-        `data_state` / `config_dict` are None when the checkpoint has none; `restore_data=False`
-        skips the data state (e.g. after changing the number of processes, which changes how the
-        data is split, so the old iterator states no longer apply).
+
+        `data_iterator` (as for `save`) is set, in place, to the position the checkpoint holds for
+        this process; `data_restored` says whether that happened (False without a data_iterator,
+        with `restore_data=False`, or when the checkpoint has no data state, in which cases the
+        iterator is left as it is). `restore_data=False` skips the data state, e.g. after changing the
+        number of processes, which changes how the data is split, so the old iterator states no
+        longer apply. `config_dict` is None when the checkpoint has none.
+
+        Raises CheckpointMismatchError when the checkpoint's shapes or its number of processes do
+        not fit, and its subclass DataStateMismatchError when the iterator refuses the saved state
+        (the data changed); CheckpointDamagedError (or orbax's errors) for damaged files.
         """
         self.wait()
         if step is None:
@@ -294,16 +347,37 @@ class Checkpointer:
         self._check_shapes(step, abstract_state)
 
         step_dir = self.step_dir(step)
+        data_record = None
+        if data_iterator is not None:
+            _check_iterator(data_iterator)
+        if data_iterator is not None and restore_data and (step_dir / DATA).exists():
+            # Read and checked before anything is restored: a damaged file leaves the iterator untouched.
+            data_record = self._read_data_file(step, step_dir / DATA)
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         if (step_dir / CONFIG).exists():
             items[CONFIG] = ocp.args.JsonRestore()
-        if restore_data and (step_dir / DATA).exists():
-            self._check_data_file(step_dir / DATA)
-            items[DATA] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        data_state = decode_data_state(restored[DATA]) if DATA in items else None
         config = restored[CONFIG] if CONFIG in items else None
-        return restored[STATE], data_state, config
+        if data_record is not None:
+            self._restore_data(step, data_record, data_iterator, config)
+        return restored[STATE], data_record is not None, config
+
+    def _restore_data(self, step: int, record: Any, iterator: Any, config: dict | None) -> None:
+        """Sets `iterator` to the saved state `record` (the data file's parsed JSON)."""
+        legacy, state = _legacy_data_state(record)
+        try:
+            if legacy:   # written by this module before it used grain's handler
+                iterator.set_state(state)
+                iterator.start_prefetch()   # as grain's handler does after set_state
+            else:
+                self._manager.restore(step, args=ocp.args.Composite(
+                    **{DATA: grain.checkpoint.CheckpointRestore(item=iterator)}))
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise DataStateMismatchError(
+                f"Checkpoint step {step} in {self._directory} holds a data-iterator state that "
+                f"{type(iterator).__name__} refuses ({type(e).__name__}: {e}); the data or its settings "
+                "changed since it was written. Restore with restore_data=False to restart the data "
+                "stream instead.", step=step, config=config) from e
 
     def restore_subtree(self, step: int, abstract_items: Mapping[str, Any]) -> dict:
         """Only the named top-level entries of a step's state (e.g. {'ema_params': ..., 'vq': ...}),
@@ -333,17 +407,21 @@ class Checkpointer:
             return reader.restore(self.step_dir(step) / STATE, args=ocp.args.PyTreeRestore(
                 item=target, restore_args=restore_args, partial_restore=True))
 
-    def restore_latest(self, *, abstract_state: Any, restore_data: bool = True):
-        """(step, state, data_state, config_dict) of the newest step that restores, or None if none does.
+    def restore_latest(self, *, abstract_state: Any, data_iterator: Any = None, restore_data: bool = True):
+        """(step, state, data_restored, config_dict) of the newest step that restores, or None if none does.
 
-        A damaged step (a missing metadata file, a truncated or zero-filled data file, an empty
-        folder) is reported, moved aside to `<workdir>/checkpoints_damaged/<step>` (never deleted)
-        and the next older step is tried. A sound step that does not fit `abstract_state`
-        (CheckpointMismatchError: the config changed) is not damage and is raised as it is.
+        `data_iterator` is restored in place, as in `restore`. A damaged step (a missing metadata
+        file, a truncated or zero-filled data file, an empty folder) is reported, moved aside to
+        `<workdir>/checkpoints_damaged/<step>` (never deleted) and the next older step is tried. A sound step that does not fit `abstract_state`
+        (CheckpointMismatchError: the config changed; DataStateMismatchError: the data changed; or
+        another number of processes) is not damage and is raised as it is.
         """
+        if data_iterator is not None:
+            _check_iterator(data_iterator)   # a wrong argument, not damage: raised before any step is tried
         for step in reversed(self.all_steps()):
             try:
-                return (step, *self.restore(step, abstract_state=abstract_state, restore_data=restore_data))
+                return (step, *self.restore(step, abstract_state=abstract_state, data_iterator=data_iterator,
+                                            restore_data=restore_data))
             except CheckpointMismatchError:
                 raise
             except (CheckpointDamagedError, OSError, ValueError, KeyError, AttributeError, TypeError) as e:
@@ -409,13 +487,26 @@ class Checkpointer:
                 f"widths, vocabulary or codebook size, optimizer). {where}, or start a new run "
                 "in a fresh --workdir.")
 
-    def _check_data_file(self, data_dir: epath.Path) -> None:
-        if not (data_dir / self._data_file).exists():
+    def _read_data_file(self, step: int, data_dir: epath.Path) -> Any:
+        """The parsed JSON of this process's data file in `data_dir` (grain's format or the old one)."""
+        path = data_dir / self._data_file
+        if not path.exists():
             present = sorted(p.name for p in data_dir.iterdir() if p.name.startswith("process_"))
-            raise FileNotFoundError(
-                f"No data-iterator state {self._data_file} in {data_dir} (it holds {present}): "
-                "the checkpoint was written by a different number of processes. Restore with "
-                "restore_data=False to restart the data stream instead.")
+            counts = {p.rsplit("-of-", 1)[-1].removesuffix(".json") for p in present if "-of-" in p}
+            if counts and str(jax.process_count()) not in counts:
+                # A sound checkpoint of another run shape: not damage, so restore_latest does not set it aside.
+                raise CheckpointMismatchError(
+                    f"No data-iterator state {self._data_file} in {data_dir} (it holds {present}): "
+                    "the checkpoint was written by a different number of processes. Restore with "
+                    "restore_data=False (the trainer's --config.restore_data_state=False) to restart "
+                    "the data stream instead.")
+            raise CheckpointDamagedError(f"step {step} has no data-iterator state {self._data_file} in "
+                                         f"{data_dir} (it holds {present or 'nothing'}).")
+        try:
+            return json.loads(path.read_text())
+        except (UnicodeDecodeError, ValueError) as e:   # truncated, zero-filled
+            raise CheckpointDamagedError(f"step {step}'s data-iterator state {path} is not JSON: "
+                                         f"{type(e).__name__}: {e}") from e
 
     # ----------------------------------------------------------------------------- lifecycle
     def wait(self) -> None:

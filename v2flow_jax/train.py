@@ -214,20 +214,20 @@ def _close_quietly(ckpt) -> None:
 
 def _restore(ckpt, config, abstract, train_iter):
     """The newest intact checkpoint as (state, step), or (None, 0); restores the iterator state too."""
-    restored = ckpt.restore_latest(abstract_state=abstract, restore_data=config.restore_data_state)
+    try:
+        restored = ckpt.restore_latest(abstract_state=abstract, data_iterator=train_iter,
+                                       restore_data=config.restore_data_state)
+    except checkpointing.DataStateMismatchError as e:
+        cause = e.__cause__ or e
+        raise ValueError(
+            f"Checkpoint step {e.step} in {ckpt.directory} holds a data-iterator position that does not fit the "
+            f"current data: {describe_data_change(e.config, config)} ({type(cause).__name__}: {cause}). To resume "
+            "the model and restart the data stream from its beginning, add --config.restore_data_state=False.") from e
     if restored is None:
         return None, 0
-    step, state, data_state, saved_config = restored
+    step, state, data_restored, saved_config = restored   # train_iter is restored in place
     warn_config_changes(saved_config, config)
-    if data_state is not None:
-        try:
-            train_iter.set_state(data_state)
-        except ValueError as e:
-            raise ValueError(
-                f"Checkpoint step {step} in {ckpt.directory} holds a data-iterator position that does not fit the "
-                f"current data: {describe_data_change(saved_config, config)} ({e}). To resume the model and restart "
-                "the data stream from its beginning, add --config.restore_data_state=False.") from e
-    elif not config.restore_data_state:
+    if not data_restored and not config.restore_data_state:
         logging.info("config.restore_data_state=False: the data stream restarts from its beginning.")
     logging.info("Resumed from %s at step %d.", ckpt.directory, step)
     return state, step
@@ -315,9 +315,9 @@ def _train(run, tx, ckpt, train_iter, num_train, evaluator, abstract, state_sh, 
                 raise FloatingPointError(f"{bad_in_a_row} log steps in a row had a NaN/inf loss or gradient at step "
                                          f"{done}; lower config.optim.base_lr or use model.dtype='float32'.")
         last = done == config.num_steps
-        if last or ckpt.due(done):  # the iterator state is serialised only when a checkpoint is written
+        if last or ckpt.due(done):  # the iterator's position is read by save, only when it writes
             with _interrupt_after():
-                ckpt.save(done, state, data_state=train_iter.get_state(), config=config, force=last)
+                ckpt.save(done, state, data_iterator=train_iter, config=config, force=last)
         if done % config.eval_every == 0 or last:   # after the save: a failing evaluation loses nothing
             metrics_json = evaluate_at(done)
     writer.flush()

@@ -146,9 +146,7 @@ def run(config, workdir: str) -> dict:
                                       save_interval_steps=int(c.checkpoint_every))
     start = ckpt.latest_step() or 0
     if start:
-        state, data_state, _ = ckpt.restore(start, abstract_state=state)
-        if data_state is not None:
-            data_iter.set_state(data_state)
+        state, _, _ = ckpt.restore(start, abstract_state=state, data_iterator=data_iter)   # data_iter in place
         logging.info("Resumed from step %d in %s.", start, workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     uniform = float(np.log(chat.vocab.num_visual))
@@ -171,7 +169,7 @@ def run(config, workdir: str) -> dict:
                          scalars["grad_norm"], scalars["learning_rate"], dt, dt * (c.num_steps - done))
             t_last, s_last = time.perf_counter(), done
         if ckpt.due(done) or done == c.num_steps:
-            ckpt.save(done, {"params": params, "opt_state": opt_state}, data_state=data_iter.get_state(),
+            ckpt.save(done, {"params": params, "opt_state": opt_state}, data_iterator=data_iter,
                       config=config, force=done == c.num_steps)
     ckpt.close()
     writer.flush()
