@@ -260,7 +260,10 @@ class Evaluator:
                      r["eval_seconds"])
         for i, words in enumerate(r.get("nearest_words", [])):
             logging.info("eval @ step %d: image %d, nearest words of its first tokens: %s", r["step"], i, words)
-        if r["codebook_perplexity"] < 2.0:
+        if r["codebook_perplexity"] < 2.0 and r["step"] == 0:
+            logging.info("eval @ step 0: codebook perplexity %.2f before training, as expected: a fresh generator's "
+                         "softmax is uniform, so every token starts as the same mixture.", r["codebook_perplexity"])
+        elif r["codebook_perplexity"] < 2.0:
             logging.warning("eval @ step %d: the tokens have COLLAPSED (codebook perplexity %.2f): the decoder "
                             "cannot depend on them.", r["step"], r["codebook_perplexity"])
 

@@ -24,7 +24,8 @@ from absl import logging
 from PIL import Image
 
 from v2flow_jax.data.decoding import open_image, to_rgb
-from v2flow_jax.data.pairs import Pair, split_pairs, write_atomically, write_pairs
+from v2flow_jax import atomic_files
+from v2flow_jax.data.pairs import Pair, split_pairs, write_pairs
 
 INSTALL_HINT = 'pip install -e ".[t2i]"'
 LOG_EVERY = 250  # images between progress lines
@@ -236,7 +237,7 @@ def build_emoji_pairs(out_dir: str | os.PathLike, size: int = 64, limit: int | N
         png_path = os.path.join(images_dir, f"{stem}.png")
         if not _png_is_done(png_path, size):
             rgb = rasterize_svg(svg_file.read_bytes(), size, key=f"openmoji {svg_file.name}")
-            write_atomically(png_path, _encode_png(rgb))
+            atomic_files.write_bytes(png_path, _encode_png(rgb))
             written += 1
         pairs.append(Pair(image_path=png_path, caption=caption))
         if progress and ((i + 1) % LOG_EVERY == 0 or i + 1 == len(todo)):
@@ -244,7 +245,7 @@ def build_emoji_pairs(out_dir: str | os.PathLike, size: int = 64, limit: int | N
     train, held_out = split_pairs(pairs, held_out_fraction, seed)
     write_pairs(os.path.join(out_dir, "train.jsonl"), train)
     write_pairs(os.path.join(out_dir, "held_out.jsonl"), held_out)
-    write_atomically(os.path.join(out_dir, "ATTRIBUTION.txt"), _attribution_text().encode("utf-8"))
+    atomic_files.write_bytes(os.path.join(out_dir, "ATTRIBUTION.txt"), _attribution_text().encode("utf-8"))
     return {"out_dir": out_dir, "size": size, "pairs": len(pairs), "written": written,
             "existing": len(pairs) - written, "train": len(train), "held_out": len(held_out),
             "seconds": round(time.monotonic() - start, 2)}

@@ -14,11 +14,11 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from v2flow_jax import atomic_files
 from v2flow_jax.data.decoding import adm_center_crop, open_image, to_rgb
 
 EXAMPLE_LINE = '{"image": "images/apple.png", "caption": "a red apple"}'
@@ -140,26 +140,7 @@ def write_pairs(jsonl_path: str | os.PathLike, pairs: Iterable[Pair]) -> None:
         record = {"image": _relative_if_under(pair.image_path, base_dir), "caption": pair.caption}
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     os.makedirs(base_dir, exist_ok=True)
-    write_atomically(jsonl_path, "".join(lines).encode("utf-8"))
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Writes bytes so that ``path`` is either the old file or the complete new one, never a part.
-
-    The temp file is in the same folder because os.replace is only atomic within one file system.
-    """
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_files.write_bytes(jsonl_path, "".join(lines).encode("utf-8"))
 
 
 def caption_key(caption: str) -> str:

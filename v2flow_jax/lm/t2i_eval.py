@@ -9,7 +9,8 @@ tokenizer's own reconstruction of that image (the decode of its recorded codes, 
 and noise: the best the LLM can do by writing the right codes), the fraction of codes written
 exactly, and the trivial floors on the same images. For held-out captions (a pairs JSONL), a grid
 a person can judge: each generation beside the training image nearest to it in pixels (is it
-copying?) and the true emoji. Writes <workdir>/t2i_eval/{metrics.json, seen.png, held_out.png}.
+copying?) and the true emoji. Writes <workdir>/t2i_eval/{metrics.json, seen.png (the first 16 seen
+captions: true | reconstruction | generation), held_out.png (generation | nearest training | true)}.
 """
 from __future__ import annotations
 
@@ -49,11 +50,12 @@ def nearest_by_pixels(images, pool) -> np.ndarray:
     return np.argmin(d, axis=1)
 
 
-def captioned_grid(rows: list[list[np.ndarray]], captions: list[str], scale: int = 2, text_width: int = 300):
+def captioned_grid(rows: list[list[np.ndarray]], captions: list[str], scale: int = 2):
     """uint8 picture: one row per caption, its images side by side (scaled up), the caption after them."""
     rows = [[image_metrics.to_uint8(x) for x in row] for row in rows]
     h, w = rows[0][0].shape[:2]
     cell, pad = (h * scale, w * scale), 2
+    text_width = 8 + int(max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(c) for c in captions))
     width = pad + len(rows[0]) * (cell[1] + pad) + text_width
     canvas = Image.new("RGB", (width, pad + len(rows) * (cell[0] + pad)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
@@ -61,7 +63,7 @@ def captioned_grid(rows: list[list[np.ndarray]], captions: list[str], scale: int
         y = pad + r * (cell[0] + pad)
         for c, image in enumerate(row):
             canvas.paste(Image.fromarray(image).resize(cell[::-1], Image.NEAREST), (pad + c * (cell[1] + pad), y))
-        draw.text((pad + len(row) * (cell[1] + pad) + 4, y + cell[0] // 2 - 6), caption[:48], fill=(0, 0, 0))
+        draw.text((pad + len(row) * (cell[1] + pad) + 4, y + cell[0] // 2 - 6), caption, fill=(0, 0, 0))
     return np.asarray(canvas)
 
 
@@ -77,6 +79,8 @@ def evaluate(pipeline, seen: list[dict], held_out: list[pairs_lib.Pair], pool: l
         return in_batches(lambda c: tok.decode(np.stack(c), decode_rng), list(codes), batch_size)
 
     captions = [r["caption"] for r in seen]
+    logging.info("evaluate_t2i: greedy codes for %d seen captions, then their decodes and the tokenizer's "
+                 "reconstructions (batches of %d)...", len(seen), batch_size)
     codes = in_batches(lambda c: pipeline.codes(c, token_rng, greedy), captions, batch_size)
     recorded = np.stack([r["codes"] for r in seen])
     truth = np.stack([pairs_lib.load_pair_image(pairs_lib.Pair(r["image"], r["caption"]), size) for r in seen])
@@ -91,6 +95,7 @@ def evaluate(pipeline, seen: list[dict], held_out: list[pairs_lib.Pair], pool: l
     pictures = {"seen": captioned_grid([list(x) for x in zip(truth, reconstructed, generated)][:16], captions[:16])}
 
     if held_out:
+        logging.info("evaluate_t2i: %d held-out captions...", len(held_out))
         held_captions = [p.caption for p in held_out]
         held_codes = in_batches(lambda c: pipeline.codes(c, token_rng, greedy), held_captions, batch_size)
         held_images = decode(held_codes)

@@ -26,7 +26,7 @@ from array_record.python import array_record_module as ar
 from v2flow_jax.cache_latents import complete_parts
 from v2flow_jax.data import pairs as pairs_lib
 from v2flow_jax.data.decoding import BadImageError
-from v2flow_jax.data.pairs import write_atomically
+from v2flow_jax import atomic_files
 
 SPLIT = "pairs"
 
@@ -146,7 +146,7 @@ def encode_pairs(image_tokenizer, pairs: list[pairs_lib.Pair], out_dir: str, *, 
                 records += [encode_record(p.caption, c, p.image_path) for p, c in zip(good, codes)]
         _write_part(part_path(out_dir, host, part), records)
         part_skips.append(skipped)
-        write_atomically(_skipped_path(out_dir, host), json.dumps({"per_part": part_skips}).encode())
+        atomic_files.write_bytes(_skipped_path(out_dir, host), json.dumps({"per_part": part_skips}).encode())
         done_n = min((part + 1) * per_part, len(mine))
         rate = (done_n - start) / (time.perf_counter() - t0)
         logging.info("  part %d written: %d / %d pairs (%d skipped), %.1f pairs/s, ETA %.0f s", part + 1, done_n,

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import dm_pix
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+
+from v2flow_jax import atomic_files
 
 
 def to_unit_range(x):
@@ -75,26 +76,6 @@ def image_grid(rows_of_images: Sequence[Any], pad: int = 2, pad_value: int = 255
     return grid
 
 
-def _atomic_write(path: str | os.PathLike, write_fn) -> str:
-    """Writes through a temporary file in the same directory, then renames it into place.
-
-    A reader (or a killed run) never sees half a file.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def save_png(path: str | os.PathLike, image) -> str:
     """Saves a uint8 (H, W, 3) / (H, W) image as PNG (atomically); returns the path."""
     img = np.asarray(image)
@@ -102,7 +83,7 @@ def save_png(path: str | os.PathLike, image) -> str:
         raise TypeError(f"save_png expects uint8 pixels, got {img.dtype}; use to_uint8 first.")
     if img.ndim == 3 and img.shape[-1] == 1:
         img = img[..., 0]
-    return _atomic_write(path, lambda f: Image.fromarray(img).save(f, format="PNG"))
+    return atomic_files.write_with(path, lambda f: Image.fromarray(img).save(f, format="PNG"))
 
 
 def _jsonable(x):
@@ -115,4 +96,4 @@ def _jsonable(x):
 def write_json_metrics(path: str | os.PathLike, metrics: Mapping[str, Any]) -> str:
     """Writes a metrics dict as indented, key-sorted JSON (atomically); returns the path."""
     text = json.dumps(dict(metrics), indent=2, sort_keys=True, default=_jsonable) + "\n"
-    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    return atomic_files.write_bytes(path, text.encode("utf-8"))
