@@ -33,6 +33,12 @@ def _scores(reference, images) -> dict[str, float]:
             "ssim": float(np.mean(image_metrics.ssim(reference, images)))}
 
 
+def _pixels(items, size: int) -> np.ndarray:
+    """float32 (N, size, size, 3) in [-1, 1] of pairs or token records (their "image" and "caption")."""
+    pairs = [p if isinstance(p, pairs_lib.Pair) else pairs_lib.Pair(p["image"], p["caption"]) for p in items]
+    return np.stack([pairs_lib.load_pair_image(p, size) for p in pairs]).astype(np.float32) / 127.5 - 1.0
+
+
 def in_batches(fn, items: list, batch_size: int) -> np.ndarray:
     """fn over consecutive chunks of items (the last one padded by repeating its last item), concatenated."""
     out = []
@@ -83,8 +89,7 @@ def evaluate(pipeline, seen: list[dict], held_out: list[pairs_lib.Pair], pool: l
                  "reconstructions (batches of %d)...", len(seen), batch_size)
     codes = in_batches(lambda c: pipeline.codes(c, token_rng, greedy), captions, batch_size)
     recorded = np.stack([r["codes"] for r in seen])
-    truth = np.stack([pairs_lib.load_pair_image(pairs_lib.Pair(r["image"], r["caption"]), size) for r in seen])
-    truth = truth.astype(np.float32) / 127.5 - 1.0
+    truth = _pixels(seen, size)
     generated, reconstructed = decode(codes), decode(recorded)
     patch = size // int(round(np.sqrt(tok.num_tokens)))
     metrics = {"seen_images": len(seen), "code_accuracy": float(np.mean(codes == recorded)),
@@ -99,9 +104,7 @@ def evaluate(pipeline, seen: list[dict], held_out: list[pairs_lib.Pair], pool: l
         held_captions = [p.caption for p in held_out]
         held_codes = in_batches(lambda c: pipeline.codes(c, token_rng, greedy), held_captions, batch_size)
         held_images = decode(held_codes)
-        held_truth = np.stack([pairs_lib.load_pair_image(p, size) for p in held_out]).astype(np.float32) / 127.5 - 1
-        pool_images = np.stack([pairs_lib.load_pair_image(pairs_lib.Pair(r["image"], r["caption"]), size)
-                                for r in pool]).astype(np.float32) / 127.5 - 1.0
+        held_truth, pool_images = _pixels(held_out, size), _pixels(pool, size)
         nearest = nearest_by_pixels(held_images, pool_images)
         metrics.update({f"held_out_{k}_generated": v for k, v in _scores(held_truth, held_images).items()})
         metrics.update({f"held_out_{k}_nearest_training": v
