@@ -14,7 +14,7 @@ pairs make 4 steps an epoch at 1024).
 
 Arguments: `:demo` the CPU demo of the README ("The LLM stage"): 256 training emojis (encode_pairs
 with --config.pairs.limit=256 on a configs/tok_emoji.py tokenizer), 250 steps of 8 conversations of
-48 tokens at peak lr 3e-4, a one-line system prompt. Measured (4 Dec 2026, 2-core AMD EPYC Zen 4/5):
+48 tokens at peak lr 3e-4, a one-line system prompt. Measured (4 Dec 2026, 2-core AMD EPYC, Zen 5):
 7 min 29 s (peak memory 11.5 GB); response loss 0.20 against ln(256) = 5.55; greedy generations for
 64 seen captions 16.26 dB against the true emojis, where the tokenizer's own reconstructions score
 16.68 dB (88% of the codes written exactly). The full run (batch 64, 10 epochs of 3,860 pairs) has not

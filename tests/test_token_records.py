@@ -78,6 +78,17 @@ def test_bad_images_are_skipped_counted_and_restarts_still_agree(tok, tmp_path):
         assert open(token_records.part_path(full, 0, k), "rb").read() == open(token_records.part_path(cut, 0, k), "rb").read()
 
 
+def test_a_rerun_of_another_job_in_the_same_folder_is_refused(tok, tmp_path):
+    pairs = _pairs(str(tmp_path))
+    out = str(tmp_path / "out")
+    token_records.encode_pairs(tok, pairs, out, per_part=3, batch_size=2)
+    assert token_records.encode_pairs(tok, pairs, out, per_part=3, batch_size=2)["pairs"] == 7   # same job: done
+    with pytest.raises(ValueError, match=r"another encode_pairs job \(pairs 7 -> 3.*config.pairs.output_dir"):
+        token_records.encode_pairs(tok, token_records.evenly_spaced(pairs, 3), out, per_part=3, batch_size=2)
+    with pytest.raises(ValueError, match=r"per_part 3 -> 2"):
+        token_records.encode_pairs(tok, pairs, out, per_part=2, batch_size=2)
+
+
 def test_hosts_split_the_pairs(tok, tmp_path):
     pairs = _pairs(str(tmp_path))
     out = str(tmp_path / "out")

@@ -11,10 +11,14 @@ import tempfile
 from typing import BinaryIO, Callable
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; done once, at import, not while other threads create files.
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def write_with(path: str | os.PathLike, write_fn: Callable[[BinaryIO], object]) -> str:
@@ -28,7 +32,7 @@ def write_with(path: str | os.PathLike, write_fn: Callable[[BinaryIO], object]) 
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -290,8 +290,8 @@ class Checkpointer:
              force: bool = False) -> bool:
         """Writes a checkpoint at `step` if it falls on the interval (or `force`); True if written.
 
-        `data_iterator` (a grain DataLoaderIterator or DatasetIterator, or an object delegating to one
-        such as input_pipeline.DataIterator) has its position read here, before `save` returns, so
+        `data_iterator` (a grain DataLoaderIterator or DatasetIterator, or an object delegating to a
+        DataLoaderIterator such as input_pipeline.DataIterator) has its position read here, before `save` returns, so
         the caller may advance it at once, also while the asynchronous write runs.
         A step that is already saved is skipped (returns False), so a final forced save that
         coincides with a periodic one is harmless. With several processes, all must call this

@@ -72,8 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.generate = ml_collections.ConfigDict(dict(
         prompts="", model_dir="", tokenizer_workdir="", output_dir="", batch_size=8, greedy=False,
         temperature=1.0, top_k=0, top_p=1.0, cfg_scale=3.0, dtype="float32",
-        # mode=evaluate_t2i (lm/t2i_eval.py): greedy generations for the first num_seen training records
-        # against their images and the tokenizer's own reconstructions; a grid for held_out (a pairs JSONL).
+        # mode=evaluate_t2i (lm/t2i_eval.py): greedy generations for num_seen training records (evenly
+        # spaced) against their images and the tokenizer's own reconstructions; a grid for num_held_out
+        # pairs of held_out (a pairs JSONL; 0 = all of them).
         held_out="", num_seen=64, num_held_out=16))
 
     # Optimisation (REFERENCE section 6): lr = base_lr * global_batch / 256.

@@ -146,7 +146,8 @@ def run(config, workdir: str) -> dict:
                                       save_interval_steps=int(c.checkpoint_every))
     start = ckpt.latest_step() or 0
     if start:
-        state, _, _ = ckpt.restore(start, abstract_state=state, data_iterator=data_iter)   # data_iter in place
+        state, _, _ = ckpt.restore(start, abstract_state=state, data_iterator=data_iter,   # data_iter in place
+                                   restore_data=bool(config.restore_data_state))
         logging.info("Resumed from step %d in %s.", start, workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     uniform = float(np.log(chat.vocab.num_visual))

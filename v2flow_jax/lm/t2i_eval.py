@@ -128,7 +128,8 @@ def run(config, workdir: str) -> dict:
     records = list(token_records.read_records(records_dir))
     if int(g.num_seen) <= 0:
         raise ValueError(f"config.generate.num_seen={g.num_seen} must be positive.")
-    held_out = token_records.evenly_spaced(pairs_lib.read_pairs(g.held_out), int(g.num_held_out)) if g.held_out else []
+    held_out = (token_records.evenly_spaced(pairs_lib.read_pairs(g.held_out), int(g.num_held_out),
+                                            "config.generate.num_held_out") if g.held_out else [])
     if not held_out:
         logging.warning("config.generate.held_out is not set: only captions seen in training are evaluated.")
     image_tok = Tokenizer.from_workdir(tokenizer_workdir)

@@ -6,12 +6,16 @@ index on; output is cut into parts `<out>/pairs-host<H>-part<K>.array_record` of
 `config.pairs.per_part` records, each written under a temporary name and renamed when complete, so a
 killed job restarts after its last complete part and produces the same files; `pairs-host<H>.done.json`
 marks a finished host. A record is UTF-8 JSON: {"caption": str, "codes": [int, ...], "image": str}.
-A pair whose image does not decode (missing, truncated, not an image) is skipped, named in the log
-and counted by reason in the done file; part K always covers the same pairs, so restarts still agree.
+A pair whose image does not decode (truncated, not an image, gone since the JSONL was read) is
+skipped, named in the log and counted by reason in the done file; part K always covers the same
+pairs, so restarts still agree. `pairs-host<H>.job.json` records what the parts depend on (the pairs,
+their order, per_part, the token count): a restart or rerun of another job there is refused.
 """
 from __future__ import annotations
 
+import collections
 import glob
+import hashlib
 import json
 import os
 import time
@@ -87,11 +91,28 @@ def _skipped_per_part(out_dir: str, host: int, parts_done: int) -> list[dict]:
 
 
 def _total(per_part: list[dict]) -> dict:
-    total: dict = {}
-    for counts in per_part:
-        for reason, n in counts.items():
-            total[reason] = total.get(reason, 0) + n
-    return total
+    return dict(sum((collections.Counter(counts) for counts in per_part), collections.Counter()))
+
+
+def _job(mine: list[pairs_lib.Pair], per_part: int, num_tokens: int) -> dict:
+    """What the parts of this host's share depend on: a restart or a rerun must be the same job."""
+    digest = hashlib.sha256("\n".join(f"{p.caption}\t{p.image_path}" for p in mine).encode("utf-8"))
+    return {"pairs": len(mine), "per_part": per_part, "num_tokens": num_tokens, "pairs_sha256": digest.hexdigest()[:16]}
+
+
+def _check_same_job(out_dir: str, host: int, job: dict) -> None:
+    """Records the job on a fresh start; refuses to resume or reuse parts that another job wrote."""
+    path = os.path.join(out_dir, f"{SPLIT}-host{host:03d}.job.json")
+    if not os.path.exists(path):
+        atomic_files.write_bytes(path, json.dumps(job).encode())
+        return
+    with open(path) as f:
+        previous = json.load(f)
+    if previous != job:
+        changed = ", ".join(f"{k} {previous.get(k)} -> {v}" for k, v in job.items() if previous.get(k) != v)
+        raise ValueError(f"{out_dir} holds token records of another encode_pairs job ({changed}; pairs_sha256 covers "
+                         f"the captions and image paths, e.g. another config.pairs.jsonl or pairs.limit): set a new "
+                         f"--config.pairs.output_dir, or delete {out_dir} to encode again.")
 
 
 def record_paths(out_dir: str) -> list[str]:
@@ -122,10 +143,11 @@ def encode_pairs(image_tokenizer, pairs: list[pairs_lib.Pair], out_dir: str, *, 
     num_hosts = jax.process_count() if num_hosts is None else num_hosts
     os.makedirs(out_dir, exist_ok=True)
     done = os.path.join(out_dir, f"{SPLIT}-host{host:03d}.done.json")
+    mine = pairs[host::num_hosts]
+    _check_same_job(out_dir, host, _job(mine, per_part, image_tokenizer.num_tokens))
     if os.path.exists(done):
         with open(done) as f:
             return json.load(f)
-    mine = pairs[host::num_hosts]
     skip_parts = complete_parts(out_dir, SPLIT, host)
     start = skip_parts * per_part
     size = image_tokenizer.config.image_size
@@ -140,13 +162,16 @@ def encode_pairs(image_tokenizer, pairs: list[pairs_lib.Pair], out_dir: str, *, 
         for first in range(part * per_part, min((part + 1) * per_part, len(mine)), batch_size):
             chunk = mine[first:min(first + batch_size, (part + 1) * per_part)]
             good, images = _load_images(chunk, size, skipped)
-            if good:   # a fixed batch shape: the last batch is padded with its last image (one compile)
-                padded = np.stack(images + [images[-1]] * (batch_size - len(images)))
-                codes = image_tokenizer.encode(padded)[:len(good)]
-                records += [encode_record(p.caption, c, p.image_path) for p, c in zip(good, codes)]
-        _write_part(part_path(out_dir, host, part), records)
+            # A fixed batch shape (one compile): padded with the last image, or a blank one when none
+            # decoded (encode is a collective over processes: every host calls it as often).
+            images = images or [np.full((size, size, 3), 255, np.uint8)]
+            codes = image_tokenizer.encode(np.stack(images + [images[-1]] * (batch_size - len(images))))
+            records += [encode_record(p.caption, c, p.image_path) for p, c in zip(good, codes)]
+        # The skip counts first: a kill between the two writes leaves them one part ahead, which a
+        # restart cuts back to the parts that exist.
         part_skips.append(skipped)
         atomic_files.write_bytes(_skipped_path(out_dir, host), json.dumps({"per_part": part_skips}).encode())
+        _write_part(part_path(out_dir, host, part), records)
         done_n = min((part + 1) * per_part, len(mine))
         rate = (done_n - start) / (time.perf_counter() - t0)
         logging.info("  part %d written: %d / %d pairs (%d skipped), %.1f pairs/s, ETA %.0f s", part + 1, done_n,
@@ -154,18 +179,16 @@ def encode_pairs(image_tokenizer, pairs: list[pairs_lib.Pair], out_dir: str, *, 
     part, skipped = num_parts, _total(part_skips)
     summary = {"host": host, "pairs": len(mine), "records": len(mine) - sum(skipped.values()),
                "skipped": dict(skipped), "parts": part, "num_tokens": image_tokenizer.num_tokens}
-    with open(done + ".tmp", "w") as f:
-        json.dump(summary, f)
-    os.replace(done + ".tmp", done)
+    atomic_files.write_bytes(done, json.dumps(summary).encode())
     logging.info("Token records complete: %s", summary)
     return summary
 
 
-def evenly_spaced(pairs: list, limit: int) -> list:
+def evenly_spaced(pairs: list, limit: int, field: str = "config.pairs.limit") -> list:
     """``limit`` pairs spread evenly over the list (all when limit is 0 or not smaller): a subset that
     keeps the file's variety (OpenMoji's files sort by code point: the first few hundred are flags)."""
     if limit < 0:
-        raise ValueError(f"config.pairs.limit={limit} must be >= 0 (0: every pair).")
+        raise ValueError(f"{field}={limit} must be >= 0 (0: every pair).")
     if not limit or limit >= len(pairs):
         return list(pairs)
     return [pairs[i * len(pairs) // limit] for i in range(limit)]
