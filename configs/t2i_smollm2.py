@@ -32,7 +32,7 @@ def get_config(arg: str = ""):
                  learning_rate=2e-5, warmup_fraction=0.03, empty_caption_fraction=0.1, dtype="float32",
                  scan_layers=True, checkpoint_every=200, log_every=10,
                  # The unit codebook rows at the length of SmolLM2's words (median norm 3.15): same
-                 # directions, so the paper's rule up to scale; +0.8 dB and 78% -> 88% exact codes in the demo.
+                 # directions, so the paper's rule up to scale; +0.8 dB and 79% -> 88% exact codes in the demo.
                  visual_row_norm="text_median")
     if args.demo:
         # 256 training emojis (encode_pairs with pairs.limit=256) seen ~8 times: 250 steps of 8 sequences of

@@ -101,18 +101,18 @@ def _prompts(spec: str) -> list[str]:
     return prompts
 
 
-def run(config, workdir: str) -> dict:
-    """The main mode: a fine-tuned export (`<workdir>/hf_model` of mode=finetune_llm) + its image tokenizer
-    -> one PNG per prompt and a grid in config.generate.output_dir (default <workdir>/generated)."""
+def load_pipeline(config, workdir: str, mode: str = "generate_images") -> tuple["TextToImage", str]:
+    """(TextToImage, the image tokenizer's workdir) of a finetune_llm workdir's export
+    (config.generate.model_dir, default <workdir>/hf_model) with the image tokenizer it was tuned with
+    (config.generate.tokenizer_workdir, default the one the export records; another one is refused)."""
     from v2flow_jax.api import Tokenizer
     from v2flow_jax.lm import finetune_run
     g = config.generate
-    prompts = _prompts(g.prompts)
     model_dir = g.model_dir or os.path.join(workdir, "hf_model")
     info = finetune_run.read_export_info(model_dir)
     tokenizer_workdir = g.tokenizer_workdir or info.get("tokenizer_workdir", "")
     if not tokenizer_workdir:
-        raise ValueError("mode=generate_images needs --config.generate.tokenizer_workdir=<the image tokenizer's "
+        raise ValueError(f"mode={mode} needs --config.generate.tokenizer_workdir=<the image tokenizer's "
                          "workdir the LLM was fine-tuned with> (this export does not record it).")
     image_tok = Tokenizer.from_workdir(tokenizer_workdir)
     if info.get("codebook_sha256") and finetune_run.codebook_digest(image_tok) != info["codebook_sha256"]:
@@ -120,7 +120,15 @@ def run(config, workdir: str) -> dict:
                          f"(its codebook differs): use --config.generate.tokenizer_workdir="
                          f"{info.get('tokenizer_workdir') or '<that run>'}.")
     model, params, chat = finetune_run.load_exported(model_dir, dtype=jnp.dtype(g.dtype))
-    pipeline = TextToImage(model, params, chat, image_tok)
+    return TextToImage(model, params, chat, image_tok), tokenizer_workdir
+
+
+def run(config, workdir: str) -> dict:
+    """The main mode: a fine-tuned export (`<workdir>/hf_model` of mode=finetune_llm) + its image tokenizer
+    -> one PNG per prompt and a grid in config.generate.output_dir (default <workdir>/generated)."""
+    g = config.generate
+    prompts = _prompts(g.prompts)
+    pipeline, _ = load_pipeline(config, workdir)
     sampling = gen.Sampling(greedy=bool(g.greedy), temperature=float(g.temperature), top_k=int(g.top_k),
                             top_p=float(g.top_p), cfg_scale=float(g.cfg_scale))
     images = []

@@ -118,27 +118,21 @@ def evaluate(pipeline, seen: list[dict], held_out: list[pairs_lib.Pair], pool: l
 
 def run(config, workdir: str) -> dict:
     """The main mode: a finetune_llm workdir's export, its tokenizer and records -> metrics and grids."""
-    from v2flow_jax.api import Tokenizer
-    from v2flow_jax.lm import finetune_run, t2i
+    from v2flow_jax.lm import t2i
     g = config.generate
-    model_dir = g.model_dir or os.path.join(workdir, "hf_model")
-    info = finetune_run.read_export_info(model_dir)
-    tokenizer_workdir = g.tokenizer_workdir or info.get("tokenizer_workdir", "")
-    records_dir = config.llm.records_dir or os.path.join(tokenizer_workdir, "token_records")
-    records = list(token_records.read_records(records_dir))
     if int(g.num_seen) <= 0:
         raise ValueError(f"config.generate.num_seen={g.num_seen} must be positive.")
+    pipeline, tokenizer_workdir = t2i.load_pipeline(config, workdir, mode="evaluate_t2i")
+    records_dir = config.llm.records_dir or os.path.join(tokenizer_workdir, "token_records")
+    records = list(token_records.read_records(records_dir))
     held_out = (token_records.evenly_spaced(pairs_lib.read_pairs(g.held_out), int(g.num_held_out),
                                             "config.generate.num_held_out") if g.held_out else [])
     if not held_out:
         logging.warning("config.generate.held_out is not set: only captions seen in training are evaluated.")
-    image_tok = Tokenizer.from_workdir(tokenizer_workdir)
-    model, params, chat = finetune_run.load_exported(model_dir)
-    pipeline = t2i.TextToImage(model, params, chat, image_tok)
     seen = token_records.evenly_spaced(records, int(g.num_seen))
     metrics, pictures = evaluate(pipeline, seen, held_out, records,
                                  rng=jax.random.key(config.seed), batch_size=int(g.batch_size))
-    metrics["uniform_loss"] = float(np.log(chat.vocab.num_visual))
+    metrics["uniform_loss"] = float(np.log(pipeline.chat.vocab.num_visual))
     out_dir = g.output_dir or os.path.join(workdir, "t2i_eval")
     os.makedirs(out_dir, exist_ok=True)
     for name, picture in pictures.items():
