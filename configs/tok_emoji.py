@@ -24,7 +24,7 @@ from v2flow_jax import config_args, demo_config
 
 def get_config(arg: str = ""):
     args = config_args.parse(arg, emoji="runs/emoji", steps=1500)
-    c = demo_config.get_config(f"vocab=smollm2,steps={args.steps}")
+    c = demo_config.get_config(f"vocab=smollm2,steps={args.steps},patch=8")
     c.image_size = 32
     c.model.update(latent_size=4)                        # 8x8 patches of 32x32: 16 tokens
     c.data.update(source="folder", image_size=32, path=os.path.join(args.emoji, "train.jsonl"),

