@@ -153,9 +153,15 @@ def build_model(config):
     return tokenizer_lib.build_tokenizer(tokenizer_config(config, ae)), ae
 
 
+def dcn_axis(config) -> str:
+    """The mesh axis that spans TPU slices (configs saved before config.plan existed: 'data')."""
+    plan = config.get("plan", None) if hasattr(config, "get") else None
+    return plan.get("dcn_axis", "data") if plan else "data"
+
+
 def build_run(config, devices=None) -> Run:
     validate(config)
-    mesh = sharding.make_mesh(config.mesh, devices)
+    mesh = sharding.make_mesh(config.mesh, devices, dcn_axis=dcn_axis(config))
     rules = sharding.rules_from_config(config)
     dp = sharding.data_parallel_size(mesh)
     if config.batch_size % dp:

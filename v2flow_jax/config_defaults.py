@@ -12,7 +12,7 @@ from v2flow_jax.data import settings
 from v2flow_jax.models.tokenizer import TokenizerConfig
 from v2flow_jax.sampling import SamplerConfig
 
-MODES = ("train", "evaluate", "params", "cache_latents", "encode_pairs", "finetune_llm", "generate_images",
+MODES = ("train", "evaluate", "params", "plan", "cache_latents", "encode_pairs", "finetune_llm", "generate_images",
          "evaluate_t2i")
 
 
@@ -98,5 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.eval = ml_collections.ConfigDict(dict(num_images=50_000, batch_size=256, use_ema=True, grid_images=8,
                                             at_start=False))
+    # mode=plan (plan.py): compile-only plans for TPU topologies ('v5e:16x16,v5p:4x4x8,2xv6e:8x8'; 'Nx' = N
+    # slices, the mesh axis dcn_axis spanning them); reconstruct: also compile the reconstruct sampler on
+    # eval_batch_size images (0 = config.eval.batch_size).
+    c.plan = ml_collections.ConfigDict(dict(topologies="", dcn_axis="data", reconstruct=True, eval_batch_size=0))
     c.peak_flops_per_device = 0.0  # 0 = look up the device kind (v2flow_jax.train.PEAK_FLOPS)
     return c

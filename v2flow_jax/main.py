@@ -37,6 +37,7 @@ flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() f
 JOBS = {
     "train": ("v2flow_jax.train", "train_and_evaluate"),
     "evaluate": ("v2flow_jax.api", "evaluate_checkpoint"),
+    "plan": ("v2flow_jax.plan", "run"),
     "cache_latents": ("v2flow_jax.cache_latents", "run"),
     "encode_pairs": ("v2flow_jax.lm.token_records", "run"),
     "finetune_llm": ("v2flow_jax.lm.finetune_run", "run"),

@@ -38,8 +38,13 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(mesh_shape: Sequence[tuple[str, int]] | dict, devices: Sequence[Any] | None = None):
-    """Builds a mesh from `[(axis, size), ...]`; one size may be -1 (= all remaining devices)."""
+def make_mesh(mesh_shape: Sequence[tuple[str, int]] | dict, devices: Sequence[Any] | None = None,
+              dcn_axis: str = "data"):
+    """Builds a mesh from `[(axis, size), ...]`; one size may be -1 (= all remaining devices).
+
+    Over several TPU slices (devices with distinct `slice_index`) the axis `dcn_axis` spans the slices
+    (data-parallel traffic over the data-centre network) and every other axis stays inside a slice, on ICI.
+    """
     items = list(mesh_shape.items()) if isinstance(mesh_shape, dict) else [tuple(x) for x in mesh_shape]
     devices = list(devices if devices is not None else jax.devices())
     names = [name for name, _ in items]
@@ -60,7 +65,17 @@ def make_mesh(mesh_shape: Sequence[tuple[str, int]] | dict, devices: Sequence[An
             "set one axis to -1 to absorb the rest.")
     # Auto axis types: linen's logical constraints and embedding lookups need them (ENVIRONMENT.md).
     axis_types = (jax.sharding.AxisType.Auto,) * len(names)
-    return jax.make_mesh(tuple(sizes), tuple(names), axis_types=axis_types, devices=devices)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return jax.make_mesh(tuple(sizes), tuple(names), axis_types=axis_types, devices=devices)
+    if dcn_axis not in names or sizes[names.index(dcn_axis)] % slices:
+        raise ValueError(f"config.mesh {items} over {slices} slices: the DCN axis {dcn_axis!r} (config.plan.dcn_axis) "
+                         f"must be in the mesh with a size divisible by {slices}.")
+    from jax.experimental import mesh_utils
+    ici = [s // slices if n == dcn_axis else s for n, s in zip(names, sizes)]
+    dcn = [slices if n == dcn_axis else 1 for n in names]
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    return jax.sharding.Mesh(grid, tuple(names), axis_types=axis_types)
 
 
 def rules_from_config(config) -> tuple[tuple[str, Any], ...]:
