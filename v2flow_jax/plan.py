@@ -203,6 +203,7 @@ def plan_topology(config, spec: str) -> dict:
            "frozen_bytes": per_device_bytes(run.constants),
            "train": dataclasses.asdict(step)}
     row["train"]["step_time_at_peak_s"] = step.flops / chip.peak_flops if step.flops else None
+    row["train"]["max_batch_per_device"] = max_batch_estimate(row["batch_per_device"], step, chip.hbm_bytes)
     eval_rows = int(config.plan.eval_batch_size or config.eval.batch_size)
     eval_rows = max(sharding.data_parallel_size(run.mesh), eval_rows - eval_rows % sharding.data_parallel_size(run.mesh))
     row["eval_batch"] = eval_rows
@@ -211,14 +212,23 @@ def plan_topology(config, spec: str) -> dict:
     return row
 
 
+def max_batch_estimate(batch_per_device: float, step: Compiled, hbm_bytes: float) -> int | None:
+    """The batch per chip that would fill HBM, with temporaries linear in the batch (activations dominate
+    them) and everything else fixed: an estimate to try, not a compiled figure."""
+    if not step.peak_bytes or not step.temp_bytes:
+        return None
+    fixed = step.peak_bytes - step.temp_bytes
+    return max(int((hbm_bytes - fixed) / (step.temp_bytes / batch_per_device)), 0)
+
+
 def _gib(x) -> str:
     return f"{x / GiB:.2f}"
 
 
 def format_rows(name: str, rows: list[dict]) -> str:
     head = ("| topology | chips | mesh | batch/chip | params+EMA GiB | opt+codebook GiB | frozen GiB | temp GiB | "
-            "peak GiB / HBM | TFLOP/step/chip | step s at peak | train fits | reconstruct peak GiB |")
-    lines = [f"{name}", head, "|" + "---|" * 13]
+            "peak GiB / HBM | TFLOP/step/chip | step s at peak | train fits | max batch/chip (est.) | reconstruct peak GiB |")
+    lines = [f"{name}", head, "|" + "---|" * 14]
     for r in rows:
         t, rec = r["train"], r["reconstruct"]
         mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1) or "1"
@@ -231,7 +241,7 @@ def format_rows(name: str, rows: list[dict]) -> str:
         rec_s = "-" if rec is None else (_gib(rec["peak_bytes"]) if rec["fits"] else "does not fit")
         lines.append(f"| {r['topology']} | {r['devices']} | {mesh} | {r['batch_per_device']:g} | {_gib(r['param_bytes'])} "
                      f"| {_gib(r['optimizer_bytes'])} | {_gib(r['frozen_bytes'])} | {temp} | {peak} | {tflop} | {secs} "
-                     f"| {fits} | {rec_s} |")
+                     f"| {fits} | {t.get('max_batch_per_device') if t.get('max_batch_per_device') is not None else '-'} | {rec_s} |")
     return "\n".join(lines)
 
 
