@@ -83,7 +83,7 @@ class Tokenizer:
                                                            method=model.encode)["indices"])
         self._encode_latents = jax.jit(lambda v, a, z: model.apply(v, z * ae.scale, method=model.encode)["indices"])
         self._decode = jax.jit(self._decode_fn, static_argnames=("cfg", "to_pixels"))
-        self._reconstruct = jax.jit(self._reconstruct_fn, static_argnames=("cfg",))
+        self._reconstruct = jax.jit(functools.partial(reconstruct_images, self.run), static_argnames=("cfg",))
 
     # --------------------------------------------------------------------------------- loading
     @classmethod
@@ -111,12 +111,6 @@ class Tokenizer:
     def _decode_fn(self, variables, ae_params, indices, rng, cfg, to_pixels=True):
         latents = sampling.decode_indices(self.run.model, variables, indices, rng, cfg)
         return autoencoders.latents_to_images(self.run.autoencoder, ae_params, latents) if to_pixels else latents
-
-    def _reconstruct_fn(self, variables, ae_params, images, rng, cfg):
-        ae = self.run.autoencoder
-        latents = autoencoders.images_to_latents(ae, ae_params, images)
-        recon, _ = sampling.reconstruct_latents(self.run.model, variables, latents, rng, cfg)
-        return autoencoders.latents_to_images(ae, ae_params, recon)
 
     @property
     def num_tokens(self) -> int:
@@ -180,6 +174,14 @@ class Tokenizer:
         """Images (the contract of `as_model_images`) -> tokens -> images in [-1, 1]."""
         fn = functools.partial(self._reconstruct, cfg=self._sampler_cfg(sampler_overrides))
         return self._sharded(fn, self._images(images, value_range), rng, out_tail=self.image_shape)
+
+
+def reconstruct_images(run: build.Run, variables, ae_params, images, rng, cfg):
+    """Pixels in [-1, 1] -> tokens -> pixels (encode, AR rectified-flow decode). Pure; jit it with cfg static."""
+    ae = run.autoencoder
+    latents = autoencoders.images_to_latents(ae, ae_params, images)
+    recon, _ = sampling.reconstruct_latents(run.model, variables, latents, rng, cfg)
+    return autoencoders.latents_to_images(ae, ae_params, recon)
 
 
 def _init_variables(run: build.Run):

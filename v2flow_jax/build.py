@@ -159,14 +159,20 @@ def dcn_axis(config) -> str:
     return plan.get("dcn_axis", "data") if plan else "data"
 
 
-def build_run(config, devices=None) -> Run:
-    validate(config)
+def make_run_mesh(config, devices=None):
+    """config.mesh over `devices` (all by default; compile-only ones too), checked against the global batch."""
     mesh = sharding.make_mesh(config.mesh, devices, dcn_axis=dcn_axis(config))
-    rules = sharding.rules_from_config(config)
     dp = sharding.data_parallel_size(mesh)
     if config.batch_size % dp:
         raise ValueError(f"config.batch_size={config.batch_size} must divide by the {dp} data-parallel devices "
-                         f"of config.mesh={list(config.mesh)}.")
+                         f"of config.mesh={list(config.mesh)} (mesh {dict(mesh.shape)}).")
+    return mesh
+
+
+def build_run(config, devices=None) -> Run:
+    validate(config)
+    mesh = make_run_mesh(config, devices)
+    rules = sharding.rules_from_config(config)
     ae, ae_params = build_autoencoder(config)
     model = tokenizer_lib.build_tokenizer(tokenizer_config(config, ae))
     sampler = SamplerConfig.from_config(config.sampler)
@@ -254,21 +260,25 @@ def frozen_variables(run: Run):
     them (no random placeholder is ever allocated); without one the placeholder is initialised from the
     run's seed (XLA drops the parameter initialisers this does not need).
     """
-    def init(rng):
-        return {"frozen": tokenizer_lib.init_variables(run.model, rng).get("frozen", {})}
-    rng = init_rngs(run.config.seed)[0]
     if not (run.model.config.vocab_size and run.config.vocabulary.checkpoint):
-        variables, _ = sharding.sharded_init(init, run.mesh, run.rules, rng)
+        init = lambda rng: {"frozen": tokenizer_lib.init_variables(run.model, rng).get("frozen", {})}
+        variables, _ = sharding.sharded_init(init, run.mesh, run.rules, init_rngs(run.config.seed)[0])
         return install_vocabulary(run, variables)["frozen"]
-    with sharding.use_mesh(run.mesh, run.rules):
-        shapes = jax.eval_shape(init, rng)
-        shardings = sharding.logical_shardings(shapes, run.mesh, run.rules)
-    targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(shapes),
-                           nn.unbox(shardings))
+    targets = {"frozen": frozen_targets(run)}
     frozen = install_vocabulary(run, targets)["frozen"]
     left = [x for x in jax.tree.leaves(frozen) if isinstance(x, jax.ShapeDtypeStruct)]
     assert not left, f"frozen variables other than the vocabulary table have no source: {left}"
     return frozen
+
+
+def frozen_targets(run: Run):
+    """The 'frozen' collection as ShapeDtypeStructs in their shardings (nothing allocated or read)."""
+    init = lambda: tokenizer_lib.init_variables(run.model, init_rngs(run.config.seed)[0]).get("frozen", {})
+    shapes = jax.eval_shape(init)     # outside the mesh: the mesh's devices may be compile-only
+    with sharding.use_mesh(run.mesh, run.rules):
+        shardings = sharding.logical_shardings(shapes, run.mesh, run.rules)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(shapes),
+                        nn.unbox(shardings))
 
 
 def install_vocabulary(run: Run, variables):

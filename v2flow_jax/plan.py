@@ -16,15 +16,12 @@ import dataclasses
 import functools
 import math
 import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
-from v2flow_jax import build, sampling, sharding, train, train_state
-from v2flow_jax.models import autoencoders
+from v2flow_jax import api, build, sampling, sharding, train, train_state
 
 GiB = 1024 ** 3
 
@@ -32,12 +29,11 @@ GiB = 1024 ** 3
 @dataclasses.dataclass(frozen=True)
 class Chip:
     hbm_bytes: float
-    peak_flops: float     # dense bf16 per chip
+    peak_flops: float     # dense bf16 per chip (train.PEAK_FLOPS)
 
 
-# device_kind as libtpu reports it -> HBM and peak (Cloud TPU documentation).
-CHIPS = {"TPU v4": Chip(32 * GiB, 275e12), "TPU v5 lite": Chip(16 * GiB, 197e12),
-         "TPU v5": Chip(95 * GiB, 459e12), "TPU v6 lite": Chip(32 * GiB, 918e12)}
+# device_kind as libtpu reports it -> HBM per chip (Cloud TPU documentation).
+HBM_BYTES = {"TPU v4": 32 * GiB, "TPU v5 lite": 16 * GiB, "TPU v5": 95 * GiB, "TPU v6 lite": 32 * GiB}
 
 _TOPOLOGY = re.compile(r"^(?:(\d+)x)?(v\d+[a-z]*):(\d+(?:x\d+)+)$")
 
@@ -65,45 +61,23 @@ def topology_devices(spec: str) -> list:
 
 def chip_of(device) -> Chip:
     kind = device.device_kind
-    if kind not in CHIPS:
-        raise ValueError(f"no HBM / peak figures for {kind!r}; known: {sorted(CHIPS)} (v2flow_jax/plan.py CHIPS).")
-    return CHIPS[kind]
+    if kind not in HBM_BYTES:
+        raise ValueError(f"no HBM figure for {kind!r}; known: {sorted(HBM_BYTES)} (v2flow_jax/plan.py HBM_BYTES).")
+    return Chip(HBM_BYTES[kind], train.peak_flops_of(device))
 
 
 # ------------------------------------------------------------------------------ abstract pieces
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def abstract_run(config, devices) -> build.Run:
     """A Run over `devices` whose autoencoder weights and frozen tables are ShapeDtypeStructs: nothing is
     read or allocated, so the devices may be compile-only."""
-    build.validate(config)
-    mesh = sharding.make_mesh(config.mesh, devices, dcn_axis=build.dcn_axis(config))
-    rules = sharding.rules_from_config(config)
-    dp = sharding.data_parallel_size(mesh)
-    if config.batch_size % dp:
-        raise ValueError(f"config.batch_size={config.batch_size} must divide by the {dp} data-parallel devices "
-                         f"of this topology's mesh {dict(mesh.shape)}.")
-    ae, _ = build.build_autoencoder(config, with_params=False)
-    model = build.build_model(config)[0]
+    model, ae = build.build_model(config)          # validates the config
+    mesh = build.make_run_mesh(config, devices)
     ae_shapes = jax.eval_shape(ae.init_params, jax.random.key(0))
-    ae_params = _abstract(ae_shapes, jax.tree.map(lambda _: sharding.replicated(mesh), ae_shapes))
-    run = build.Run(config, mesh, rules, model, sampling.SamplerConfig.from_config(config.sampler), ae, ae_params)
-    run.__dict__["frozen"] = abstract_frozen(run)   # in place of the cached property, which reads the file
+    ae_params = train_state.abstract_state(ae_shapes, jax.tree.map(lambda _: sharding.replicated(mesh), ae_shapes))
+    run = build.Run(config, mesh, sharding.rules_from_config(config), model,
+                    sampling.SamplerConfig.from_config(config.sampler), ae, ae_params)
+    run.__dict__["frozen"] = build.frozen_targets(run)   # in place of the cached property, which reads the file
     return run
-
-
-def abstract_frozen(run: build.Run):
-    from flax import linen as nn
-    from v2flow_jax.models import tokenizer as tokenizer_lib
-
-    def init(rng):
-        return tokenizer_lib.init_variables(run.model, rng).get("frozen", {})
-    shapes = jax.eval_shape(lambda: init(build.init_rngs(run.config.seed)[0]))   # traced: no eager op on the mesh
-    with sharding.use_mesh(run.mesh, run.rules):
-        shardings = sharding.logical_shardings(shapes, run.mesh, run.rules)
-    return _abstract(nn.unbox(shapes), nn.unbox(shardings))
 
 
 def abstract_batch(run: build.Run, rows: int) -> dict:
@@ -156,35 +130,15 @@ def compile_report(lowered, hbm_bytes: float) -> Compiled:
                     message=f"peak {peak / GiB:.2f} GiB over HBM {hbm_bytes / GiB:.2f} GiB" if over else "")
 
 
-def lower_train_step(run: build.Run):
-    tx = train.make_optimizer(run.config)
-    state, state_sh = train_state.abstract_train_state(run, tx, run.config.seed)
-    batch = abstract_batch(run, run.config.batch_size)
-    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-    constants = run.constants
-    step = jax.jit(functools.partial(train.train_step, run, tx),
-                   in_shardings=(state_sh, batch_sh, jax.tree.map(lambda x: x.sharding, constants)),
-                   out_shardings=(state_sh, sharding.replicated(run.mesh)), donate_argnums=(0,))
-    with sharding.use_mesh(run.mesh, run.rules):
-        lowered = step.lower(state, batch, constants)
-    return lowered, state
-
-
 def lower_reconstruct(run: build.Run, rows: int):
-    """The reconstruct sampler (encode, AR rectified-flow decode, back to pixels) on `rows` images."""
+    """The API's jitted reconstruct (encode, AR rectified-flow decode, back to pixels) on `rows` images."""
     infer = train_state.abstract_inference_variables(run)
-    variables = run.variables(infer["params"], infer["vq"])
-    images = abstract_batch(run, rows)
-    images = images.get("image", images.get("latent"))
+    images = jax.ShapeDtypeStruct((rows, run.config.image_size, run.config.image_size, 3), jnp.float32,
+                                  sharding=sharding.batch_sharding(run.mesh, 4))
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(run.mesh))
-
-    def reconstruct(variables, ae_params, images, rng):
-        latents = (images * run.autoencoder.scale if run.config.data.source == "latents"
-                   else autoencoders.images_to_latents(run.autoencoder, ae_params, images))
-        recon, _ = sampling.reconstruct_latents(run.model, variables, latents, rng, run.sampler)
-        return autoencoders.latents_to_images(run.autoencoder, ae_params, recon)
+    fn = jax.jit(functools.partial(api.reconstruct_images, run, cfg=run.sampler))
     with sharding.use_mesh(run.mesh, run.rules):
-        return jax.jit(reconstruct).lower(variables, run.ae_params, images, rng)
+        return fn.lower(run.variables(infer["params"], infer["vq"]), run.ae_params, images, rng)
 
 
 # --------------------------------------------------------------------------------------- report
@@ -193,8 +147,10 @@ def plan_topology(config, spec: str) -> dict:
     devices = topology_devices(spec)
     chip = chip_of(devices[0])
     run = abstract_run(config, devices)
-    lowered, state = lower_train_step(run)
-    step = compile_report(lowered, chip.hbm_bytes)
+    tx = train.make_optimizer(config)
+    state, state_sh = train_state.abstract_train_state(run, tx, config.seed)
+    step = compile_report(train.lower_train_step(run, tx, state, state_sh, abstract_batch(run, config.batch_size)),
+                          chip.hbm_bytes)
     row = {"topology": spec, "devices": len(devices), "chip": devices[0].device_kind, "mesh": dict(run.mesh.shape),
            "batch_per_device": config.batch_size / len(devices), "hbm_bytes": chip.hbm_bytes,
            "peak_flops": chip.peak_flops,

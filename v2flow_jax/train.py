@@ -26,7 +26,7 @@ from v2flow_jax.models import autoencoders
 # Dense peak FLOP/s per device for the utilisation figure (bf16 for accelerators; the CPU figure is
 # the f32 matmul rate measured on the project's 2-core development machine).
 PEAK_FLOPS = {"cpu": 200e9, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-              "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+              "TPU v6 lite": 918e12, "TPU v5": 459e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
 
 
 # ------------------------------------------------------------------------------------ optimizer
@@ -117,17 +117,21 @@ def ema_decay_at(decay: float, step):
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def compile_train_step(run: build.Run, tx, state, state_sh, batch):
-    """Jits the step with explicit shardings and state donation; returns (compiled, flops per step).
-
-    The compiled step is called as `step_fn(state, batch, run.constants)`."""
+def lower_train_step(run: build.Run, tx, state, state_sh, batch):
+    """The step jitted with explicit shardings and state donation, lowered for (state, batch, run.constants);
+    the arguments may be arrays or sharded ShapeDtypeStructs (mode=plan lowers for devices it has not got)."""
     batch_sh = jax.tree.map(lambda x: sharding.batch_sharding(run.mesh, x.ndim), batch)
     constants = run.constants
     constants_sh = jax.tree.map(lambda x: x.sharding, constants)
     step_fn = jax.jit(functools.partial(train_step, run, tx), in_shardings=(state_sh, batch_sh, constants_sh),
                       out_shardings=(state_sh, sharding.replicated(run.mesh)), donate_argnums=(0,))
     with sharding.use_mesh(run.mesh, run.rules):
-        compiled = step_fn.lower(state, batch, constants).compile()
+        return step_fn.lower(state, batch, constants)
+
+
+def compile_train_step(run: build.Run, tx, state, state_sh, batch):
+    """Returns (compiled step, flops per step); call it as `step_fn(state, batch, run.constants)`."""
+    compiled = lower_train_step(run, tx, state, state_sh, batch).compile()
     return compiled, flops_of(compiled)
 
 
@@ -143,12 +147,15 @@ def flops_of(compiled) -> float:
 def peak_flops(config) -> float:
     if config.peak_flops_per_device:
         return float(config.peak_flops_per_device)
-    kind = jax.devices()[0].device_kind
-    platform = jax.devices()[0].platform
+    return peak_flops_of(jax.devices()[0])
+
+
+def peak_flops_of(device) -> float:
+    """The table's figure for a device's kind (libtpu calls v5p 'TPU v5', after the 'TPU v5 lite' entry)."""
     for name, value in PEAK_FLOPS.items():
-        if kind.startswith(name):
+        if device.device_kind.startswith(name):
             return value
-    return PEAK_FLOPS.get(platform, 0.0)
+    return PEAK_FLOPS.get(device.platform, 0.0)
 
 
 # ---------------------------------------------------------------------------------------- the loop
