@@ -214,6 +214,34 @@ def test_ctrl_c_leaves_a_checkpoint_and_prints_the_interrupt_last(tmp_path, tmp_
     assert _finished_steps(workdir), out[-3000:]
 
 
+def test_sigterm_saves_at_a_step_boundary_exits_0_and_resumes_equal(tmp_path, tmp_path_factory):
+    """A preemption notice (SIGTERM) mid-run: a checkpoint at the next step boundary, exit status 0, and
+    the rerun of the same command ends with the state of the uninterrupted run."""
+    n = tiny_configs.SHARED_STEPS
+    ref_dir, _ = tiny_configs.shared_run(tmp_path_factory)
+    workdir = tmp_path / "preempted"
+    cmd = tiny_configs.main_command(workdir, *tiny_configs.SHARED_FLAGS, arg=tiny_configs.SHARED_ARG)
+    env = tiny_configs.main_env(1, tiny_configs.compile_cache(tmp_path_factory))
+    proc = subprocess.Popen(cmd, cwd=tiny_configs.REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline and not any(s >= 8 for s in _finished_steps(workdir)):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    match = re.search(r"Preempted: checkpoint at step (\d+) of (\d+)", out)
+    assert match, out[-3000:]
+    stopped = int(match.group(1))
+    assert 8 <= stopped < n and f"step {n}/{n}" not in out, out[-3000:]
+    assert max(_finished_steps(workdir)) == stopped     # written (and finished) before the exit
+
+    resumed = tiny_configs.run_main(workdir, *tiny_configs.SHARED_FLAGS, arg=tiny_configs.SHARED_ARG,
+                                    cache_dir=tiny_configs.compile_cache(tmp_path_factory))
+    assert re.search(rf"Resumed from \S+ at step {stopped}\.", resumed.stdout), resumed.stdout[-3000:]
+    _assert_trees_close(_load_state(ref_dir, n), _load_state(workdir, n), atol=1e-6)
+
+
 # ----------------------------------------------------------------- 3. 8-device mesh == one device
 @pytest.fixture(scope="module")
 def mesh_run(tmp_path_factory):

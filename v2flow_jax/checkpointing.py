@@ -277,10 +277,6 @@ class Checkpointer:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def reached_preemption(self, step: int) -> bool:
-        """True once the cluster signalled a preemption: save now with `force=True`, then exit."""
-        return self._manager.reached_preemption(int(step))
-
     # ----------------------------------------------------------------------------------- save
     def due(self, step: int) -> bool:
         """Whether `save` would write at `step` without force (lets callers skip building its inputs)."""

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from v2flow_jax import build, checkpointing, evaluate, input_pipeline, sharding, train_state
+from v2flow_jax import build, checkpointing, evaluate, input_pipeline, preemption, sharding, train_state
 from v2flow_jax.models import autoencoders
 
 # Dense peak FLOP/s per device for the utilisation figure (bf16 for accelerators; the CPU figure is
@@ -184,7 +184,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
                                       save_interval_steps=config.checkpoint_every)
     try:
-        result = _train(run, tx, ckpt, train_iter, num_train, evaluator, abstract, state_sh, workdir)
+        with preemption.PreemptionWatch() as watch:
+            result = _train(run, tx, ckpt, train_iter, num_train, evaluator, abstract, state_sh, workdir, watch)
     except BaseException:   # Ctrl-C included: close, then let the real error be the last thing printed
         _close_quietly(ckpt)
         raise
@@ -271,7 +272,7 @@ def describe_data_change(saved: dict | None, config) -> str:
             "folder, another dataset version)")
 
 
-def _train(run, tx, ckpt, train_iter, num_train, evaluator, abstract, state_sh, workdir) -> dict:
+def _train(run, tx, ckpt, train_iter, num_train, evaluator, abstract, state_sh, workdir, watch) -> dict:
     from clu import metric_writers
     config = run.config
     state, start = _restore(ckpt, config, abstract, train_iter)
@@ -322,9 +323,16 @@ def _train(run, tx, ckpt, train_iter, num_train, evaluator, abstract, state_sh, 
                 raise FloatingPointError(f"{bad_in_a_row} log steps in a row had a NaN/inf loss or gradient at step "
                                          f"{done}; lower config.optim.base_lr or use model.dtype='float32'.")
         last = done == config.num_steps
-        if last or ckpt.due(done):  # the iterator's position is read by save, only when it writes
+        preempted = not last and watch.reached(done)    # every process calls it at every step
+        if last or preempted or ckpt.due(done):  # the iterator's position is read by save, only when it writes
             with _interrupt_after():
-                ckpt.save(done, state, data_iterator=train_iter, config=config, force=last)
+                ckpt.save(done, state, data_iterator=train_iter, config=config, force=last or preempted)
+        if preempted:
+            ckpt.wait()
+            writer.flush()
+            logging.warning("Preempted: checkpoint at step %d of %d written to %s; run the same command to resume.",
+                            done, config.num_steps, workdir)
+            return {"preempted_at_step": done, **metrics_json}
         if done % config.eval_every == 0 or last:   # after the save: a failing evaluation loses nothing
             metrics_json = evaluate_at(done)
     writer.flush()
