@@ -4,7 +4,8 @@ Like the release, every image is stored twice: its latent and the latent of its 
 (the only augmentation), so training on cached latents (`config.data.source = 'latents'`) needs no
 autoencoder at all. Unlike the release the job is sharded and resumable:
 
-  * each host encodes its own shard of the split (grain's process sharding, in order, no shuffle);
+  * each host encodes its own shard of the split (input_pipeline's host slots, in order, no shuffle);
+    the hosts together write the same records whatever their number;
   * output is cut into parts of `config.cache.images_per_part` images:
     `<out>/<split>-host<H>-part<K>.array_record`, each written under a temporary name and renamed
     when complete, so a part either exists whole or not at all;
@@ -73,7 +74,8 @@ def run(config, workdir: str) -> dict:
     dp = sharding.data_parallel_size(r.mesh)
     batch_size = -(-config.batch_size // dp) * dp // jax.process_count()
     done_marker = os.path.join(out_dir, f"{split}-host{host:03d}.done.json")
-    if os.path.exists(done_marker):
+    # The encode is collective: every host runs it until all are done (a finished host writes nothing).
+    if sharding.all_hosts_values(os.path.exists(done_marker)).all():
         logging.info("Latent cache for split %r, host %d is already complete (%s).", split, host, done_marker)
         with open(done_marker) as f:
             return json.load(f)
@@ -108,35 +110,43 @@ def run(config, workdir: str) -> dict:
     first_it, num_records = view_iterator(0)
     stats = [first_it.stats]
 
+    hosts = jax.process_count()
+    per_view = input_pipeline.global_batches(num_records, batch_size, hosts, drop_remainder=False)
+
     def batches():
+        """Each view's host batches, the same count on every host (a host whose slots ran out: 0 rows)."""
         for view in range(views):
             it = first_it if view == 0 else view_iterator(view)[0]
             if view:
                 stats.append(it.stats)
-            yield from it
+            for _ in range(per_view):
+                batch = next(it, None)
+                yield batch["image"] if batch is not None else np.zeros((0, size, size, 3), np.float32)
+    size = config.data.image_size
     it = batches()
     logging.info("Caching latents of split %r (%d records x %d views, all hosts) into %s; resuming after %d "
                  "complete parts.", split, num_records, views, out_dir, skip_parts)
     encode = _encode_fn(r)
-    size = config.data.image_size
     # From the shapes alone: a resumed job may have nothing left to encode.
     latent_shape = list(jax.eval_shape(encode, r.ae_params, jax.ShapeDtypeStruct((batch_size, size, size, 3),
                                                                                 jnp.float32)).shape[1:])
     pending: list[np.ndarray] = []
     part, seen, t0 = skip_parts, 0, time.perf_counter()
     with sharding.use_mesh(r.mesh, r.rules):
-        for batch in it:
-            images = batch["image"]
+        for images in it:
             n = images.shape[0]
-            if seen + n <= skip_images:          # this batch lies in parts already written
+            # Skipped only where every host's rows lie in parts already written (the encode is collective).
+            if not sharding.all_hosts_values(seen + n > skip_images).any():
                 seen += n
                 continue
             first = max(skip_images - seen, 0)
             seen += n
             padded = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:], images.dtype)]) \
                 if n < batch_size else images
-            latents = np.asarray(encode(r.ae_params, sharding.put_batch(padded, r.mesh)))
-            originals, flips = latents[:batch_size][first:n], latents[batch_size:][first:n]
+            latents = sharding.to_host(encode(r.ae_params, sharding.put_batch(padded, r.mesh)))
+            whole = batch_size * hosts        # the global batch: this host's rows are its block of it
+            mine = slice(host * batch_size, host * batch_size + n)
+            originals, flips = latents[:whole][mine][first:], latents[whole:][mine][first:]
             for orig, flip in zip(originals, flips):
                 pending.extend([orig, flip])
                 if len(pending) == 2 * per_part:

@@ -72,10 +72,11 @@ def decode_variants(sampler: sampling.SamplerConfig) -> dict[str, sampling.Sampl
     return variants
 
 
-def swap_ids(indices, n: int):
-    """Image i gets image i+1's ids (cyclically, among the n real rows)."""
+def swap_ids(indices, real):
+    """Image i gets the next real image's ids (cyclically); `real`: a row mask, or n for the first n rows."""
+    rows = np.flatnonzero(real) if np.ndim(real) else np.arange(int(real))
     out = np.array(indices)
-    out[:n] = np.roll(indices[:n], -1, axis=0)
+    out[rows] = out[np.roll(rows, -1)]
     return out
 
 
@@ -143,15 +144,28 @@ class Evaluator:
     def _batches(self):
         cfg = self.run_.config
         per_host = self.batch_size // jax.process_count()
-        it, _ = input_pipeline.create_dataset(cfg.data, split="eval", batch_size=per_host, seed=cfg.seed,
-                                              train=False, drop_remainder=False)
-        seen = 0
-        for batch in it:
-            if seen >= cfg.eval.num_images:
-                break
-            images = (batch["image"] if "image" in batch else batch["latent"])[: cfg.eval.num_images - seen]
-            seen += images.shape[0]
-            yield images
+        it, num_records = input_pipeline.create_dataset(cfg.data, split="eval", batch_size=per_host, seed=cfg.seed,
+                                                        train=False, drop_remainder=False)
+        # Every host runs the same number of (collective) steps; a host whose slots ran out sends no rows.
+        # num_images counts global positions: host p holds slots [p*b, (p+1)*b) of each global batch.
+        host, hosts = jax.process_index(), jax.process_count()
+        total = min(cfg.eval.num_images, num_records)
+        for k in range(input_pipeline.global_batches(total, per_host, hosts, drop_remainder=False)):
+            batch = next(it, None)
+            if batch is None:
+                images = np.zeros((0,) + self._example_shape(), np.float32)
+            else:
+                images = batch["image"] if "image" in batch else batch["latent"]
+            yield images[: max(0, min(per_host, total - (k * hosts + host) * per_host))]
+
+    def _example_shape(self) -> tuple[int, ...]:
+        """One input's shape: an image, or (cached latents) what the autoencoder makes of one."""
+        run, size = self.run_, self.run_.config.data.image_size
+        image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+        if run.config.data.source != "latents":
+            return image.shape[1:]
+        return jax.eval_shape(functools.partial(autoencoders.images_to_latents, run.autoencoder), run.ae_params,
+                              image).shape[1:]
 
     def _scores(self, originals, recon):
         """Per-image (psnr, ssim), or (latent MSE, None) without pixels."""
@@ -174,30 +188,33 @@ class Evaluator:
         def add(name, psnr, ssim):
             scores.setdefault(name, []).append((psnr, ssim))
 
+        per_host = self.batch_size // jax.process_count()
         with sharding.use_mesh(run.mesh, run.rules):
             for i, images in enumerate(self._batches()):
-                n = images.shape[0]
-                batch = sharding.put_batch(_pad_to(images, self.batch_size), run.mesh)
+                real = sharding.host_rows(images.shape[0], per_host)    # of the global batch, all hosts
+                if not real.any():
+                    continue
+                batch = sharding.put_batch(_pad_to(images, per_host), run.mesh)
                 originals, enc = self._encode(variables, ae_params, batch)
-                ids = np.asarray(enc["indices"])
+                ids, originals = sharding.to_host(enc["indices"]), sharding.to_host(originals)[real]
                 key = jax.random.fold_in(rng, i)
                 recon = None
                 for suffix, scfg in self.variants.items():
-                    out = np.asarray(self._decode(variables, ae_params, enc["indices"], key, cfg=scfg))[:n]
+                    out = sharding.to_host(self._decode(variables, ae_params, enc["indices"], key, cfg=scfg))[real]
                     recon = out if suffix == "" else recon
-                    add(suffix, *self._scores(np.asarray(originals)[:n], out))
-                if n > 1:   # the same decode from another image's ids
-                    swapped = sharding.put_batch(swap_ids(ids, n), run.mesh)
-                    out = np.asarray(self._decode(variables, ae_params, swapped, key, cfg=run.sampler))[:n]
-                    add("_swapped", *self._scores(np.asarray(originals)[:n], out))
-                originals, ids = np.asarray(originals)[:n], ids[:n]
+                    add(suffix, *self._scores(originals, out))
+                if real.sum() > 1:   # the same decode from another image's ids
+                    swapped = sharding.put_global_batch(swap_ids(ids, real), run.mesh)
+                    out = sharding.to_host(self._decode(variables, ae_params, swapped, key, cfg=run.sampler))[real]
+                    add("_swapped", *self._scores(originals, out))
+                ids = ids[real]
                 if self.pixels:
                     for name, floor in floors.all_floors(originals, self.patch).items():
                         add(f"_floor_{name}", *self._scores(originals, floor))
                 usage.update(ids)
                 if mc.vocab_size:
-                    vocab_probs.append(np.asarray(enc["vocab_image_probs"])[:n])
-                    vocab_entropy.append(np.asarray(enc["vocab_image_entropy"])[:n])
+                    vocab_probs.append(sharding.to_host(enc["vocab_image_probs"])[real])
+                    vocab_entropy.append(sharding.to_host(enc["vocab_image_entropy"])[real])
                 if len(word_ids) < WORDS_IMAGES:
                     word_ids.extend(ids[: WORDS_IMAGES - len(word_ids), :WORDS_TOKENS])
                 if sum(len(r) for r in grid_rows) < cfg.eval.grid_images:

@@ -45,16 +45,21 @@ the batches delivered: elements in a dropped final partial batch are not counted
 ``worker_count > 0``, skips after a worker's last good element of an epoch-limited run. A camera's EXIF
 orientation tag is applied (the pixels turned upright, counted as "oriented").
 
-Sharding: every host uses the same seed and reads its own shard (``ShardOptions(process_index,
-process_count, drop_remainder=True)``: grain gives each host a consecutive block of records and shuffles
-within it, per epoch), so per-host record counts match. Training repeats forever;
-evaluation is one epoch, dropping the last partial batch unless ``drop_remainder=False``. Skipped files
-can leave hosts with different numbers of eval batches: a multi-host eval loop must agree on when to
-stop (e.g. all-gather a "has batch" flag) rather than assume equal counts.
+Sharding: every host uses the same seed and walks the same global order of positions (one shuffle of
+all records per epoch, grain's ``IndexSampler``); host ``p`` of ``P`` takes slots ``[p*b, (p+1)*b)`` of every
+global batch of ``P*b`` positions (``HostSlotSampler``), so the hosts' shards are disjoint and complete,
+and the global batch, crops and flips included (their rng follows the global position), are the same
+whatever the number of hosts. One epoch (evaluation, the latent cache) pads the last global batch's
+empty slots with records the pipeline drops, so every host's sampler has the same length and a host can
+come up one batch short: ``global_batches`` says how many there are, for loops that must run in step.
+Skipped files shift a host's later slots (still disjoint and deterministic, no longer host-count-free).
+Training repeats forever; evaluation is one epoch, dropping the last partial batch unless
+``drop_remainder=False``.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Sequence
 
 from absl import flags
@@ -85,6 +90,8 @@ class _DropFailed(grain.transforms.Filter):
         self._consecutive = 0
 
     def filter(self, element: dict[str, Any]) -> bool:
+        if element.get("_padding"):       # an empty slot of the last global batch (HostSlotSampler)
+            return False
         if element[self._field] is None:
             self._pending += element["_counts"]
             self._consecutive += 1
@@ -169,6 +176,65 @@ class DataIterator:
 
 
 
+def global_batches(num_records: int, batch_size: int, shard_count: int, drop_remainder: bool) -> int:
+    """Global batches (of `shard_count` x `batch_size` positions) in one epoch of `num_records`."""
+    per_global = batch_size * shard_count
+    return num_records // per_global if drop_remainder else -(-num_records // per_global)
+
+
+class HostSlotSampler:
+    """Host `p`'s positions of a global order: slots [p*b, (p+1)*b) of every global batch of P*b.
+
+    grain's DataLoader asks for index `j*P + p` for the host's j-th record; the record and its rng are
+    those of the global position, so batches, crops and flips do not depend on the number of hosts.
+    `num_positions` (one epoch, rounded up to whole global batches) bounds the order; positions past
+    `num_records` there are padding (`pad_key`, a record the pipeline drops).
+    """
+
+    def __init__(self, base, batch_size: int, shard_index: int, shard_count: int, num_positions: int | None,
+                 pad_key: int):
+        self._base, self._b, self._p, self._n = base, int(batch_size), int(shard_index), int(shard_count)
+        self._positions, self._pad_key, self._num_records = num_positions, int(pad_key), int(pad_key)
+
+    def __len__(self) -> int:
+        return sys.maxsize if self._positions is None else self._positions   # endless: as grain measures its own
+
+    def global_position(self, index: int) -> int:
+        local, host = divmod(int(index), self._n)
+        group, slot = divmod(local, self._b)
+        return (group * self._n + host) * self._b + slot
+
+    def __getitem__(self, index: int):
+        g = self.global_position(index)
+        if index < 0 or (self._positions is not None and index >= self._positions):
+            raise IndexError(f"position {index} is past the epoch's {self._positions}")
+        if self._positions is not None and g >= self._num_records:
+            return grain.RecordMetadata(index=index, record_key=self._pad_key, rng=None)
+        meta = self._base[g]
+        return grain.RecordMetadata(index=index, record_key=meta.record_key, rng=meta.rng)
+
+    def __repr__(self) -> str:
+        return f"HostSlotSampler({self._base!r}, batch_size={self._b}, host {self._p} of {self._n})"
+
+
+class _WithPadding:
+    """The source plus one padding record (key len(source)) that _DropFailed drops without a word."""
+
+    def __init__(self, source, field: str):
+        self._source, self._field = source, field
+
+    def __len__(self) -> int:
+        return len(self._source) + 1
+
+    def __getitem__(self, key: int):
+        if key == len(self._source):
+            return {self._field: None, "_padding": True}
+        return self._source[key]
+
+    def __repr__(self) -> str:
+        return f"{self._source!r} + padding"
+
+
 def create_dataset(
     config_data: Any,
     *,
@@ -241,13 +307,19 @@ def create_dataset(
 
     shard_options = grain.sharding.ShardOptions(shard_index=shard_index, shard_count=shard_count,
                                                 drop_remainder=True)
+    # One host: grain's own sampler (the same order, and the repr that older checkpoints' data state holds).
     sampler = grain.samplers.IndexSampler(
         num_records=num_records,
-        shard_options=shard_options,
+        shard_options=grain.sharding.ShardOptions(0, 1, drop_remainder=True) if shard_count > 1 else shard_options,
         shuffle=train,
         num_epochs=None if train else 1,
         seed=int(seed) % 2**32,
     )
+    if shard_count > 1:
+        finite = None if train else global_batches(num_records, batch_size, shard_count, drop_remainder) \
+            * batch_size * shard_count
+        sampler = HostSlotSampler(sampler, batch_size, shard_index, shard_count, finite, num_records)
+        source = _WithPadding(source, field)
     drop_filter = _DropFailed(field, max_consecutive=num_records, description=description)
     operations: list[Any] = [drop_filter]
     if field == "image" and crop_scale:

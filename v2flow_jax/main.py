@@ -29,7 +29,12 @@ except (AttributeError, KeyError) as e:
                      f"config does not have ({e}); every field and its default is in v2flow_jax/config_defaults.py (and the "
                      "model's in models/tokenizer.py TokenizerConfig).") from None
 flags.DEFINE_string("workdir", "runs/demo", "Directory for checkpoints, metrics.json, grids and TensorBoard events.")
-flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() first (multi-host pods and clusters).")
+flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() first (multi-host pods and clusters; "
+                  "on Cloud TPU and SLURM it finds its peers itself, elsewhere give the three flags below).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, with --jax_distributed (or "
+                    "$JAX_COORDINATOR_ADDRESS); needed where JAX cannot detect the cluster.")
+flags.DEFINE_integer("num_processes", None, "Number of JAX processes, with --jax_distributed.")
+flags.DEFINE_integer("process_id", None, "This process's index (0 .. num_processes-1), with --jax_distributed.")
 
 
 # config.mode -> (module, function(config, workdir)); imported only when chosen (the LLM stage needs
@@ -63,7 +68,8 @@ def main(argv):
     from v2flow_jax import config_defaults
 
     if flags.FLAGS.jax_distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=flags.FLAGS.coordinator_address,
+                                   num_processes=flags.FLAGS.num_processes, process_id=flags.FLAGS.process_id)
 
     config = flags.FLAGS.config
     if flags.FLAGS["config"].value is not None and flags.FLAGS["config"].using_default_value:

@@ -151,3 +151,35 @@ def put_batch(batch, mesh):
             return jax.device_put(x, sharding)
         return jax.make_array_from_process_local_data(sharding, x)
     return jax.tree.map(put, batch)
+
+
+def put_global_batch(batch, mesh):
+    """Places a numpy batch that every host holds whole (a tree) sharded over the data axes."""
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda index: x[index])
+    return jax.tree.map(put, batch)
+
+
+def to_host(x) -> np.ndarray:
+    """The whole of a (possibly multi-host) array as numpy, on every host: `np.asarray` alone fails on
+    an array whose shards live on other hosts' devices."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def host_rows(num_rows: int, per_host: int) -> np.ndarray:
+    """Which rows of a global batch are real, when each host filled `num_rows` of its `per_host` slots
+    (hosts contribute consecutive blocks, as `put_batch` places them)."""
+    return np.concatenate([np.arange(per_host) < c for c in all_hosts_values(num_rows)])
+
+
+def all_hosts_values(value: int) -> np.ndarray:
+    """`value` (an int or bool) of every host, in process order (one element with a single process)."""
+    values = np.asarray([value])
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        values = np.asarray(multihost_utils.process_allgather(values)).reshape(-1)
+    return values
