@@ -24,4 +24,8 @@ def get_config(arg: str = ""):
     c.llm.update(batch_size=1024, num_steps=max(1, 10 * args.pairs // 1024), learning_rate=2e-5,
                  warmup_fraction=0.03, empty_caption_fraction=0.1, head_init="codebook", dtype="bfloat16",
                  scan_layers=True, remat_policy="dots_with_no_batch_dims_saveable", checkpoint_every=1000)
+    # mode=plan (compile-only, no weights read): LLaMA-2-7B's shape, as its config.json gives it.
+    c.plan.update(stage="llm", llm=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                                        num_heads=32, num_kv_heads=32, rms_norm_eps=1e-5,
+                                        max_position_embeddings=4096))
     return c

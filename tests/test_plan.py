@@ -73,3 +73,19 @@ def test_two_slices_put_the_dcn_axis_across_slices():
     # Each fsdp group sits inside one slice (ICI); data rows 0-1 on one slice, 2-3 on the other.
     assert (slice_of == slice_of[:, :1, :]).all()
     assert sorted(set(slice_of[:2].ravel())) != sorted(set(slice_of[2:].ravel()))
+
+
+def test_llm_stage_plan_counts_the_extended_llama():
+    from v2flow_jax import config_defaults
+    c = config_defaults.base_config()
+    c.mesh = [("data", 1), ("fsdp", 4), ("tensor", 1)]
+    c.llm.update(batch_size=8, seq_len=16, dtype="bfloat16", scan_layers=True)
+    shape = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+    c.plan.update(stage="llm", llm=shape, llm_visual_codes=26)
+    row = plan.plan_llm_topology(c, "v5e:2x2")
+    vocab, d, f, kv = 100 + 26 + 2, 64, 128, 2 * 16
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d       # q, o, k, v, the MLP, two norms
+    count = 2 * vocab * d + 2 * per_layer + d                      # embedding, untied head, final norm
+    assert row["param_bytes"] == 4 * count / 4                     # float32, every weight split over fsdp 4
+    assert row["optimizer_bytes"] >= 2 * row["param_bytes"]        # Adam's two moments (and a step count)
+    assert row["train"]["fits"] and row["train"]["flops"] > 0 and row["sequence"] == 16

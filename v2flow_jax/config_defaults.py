@@ -100,7 +100,12 @@ def base_config() -> ml_collections.ConfigDict:
                                             at_start=False))
     # mode=plan (plan.py): compile-only plans for TPU topologies ('v5e:16x16,v5p:4x4x8,2xv6e:8x8'; 'Nx' = N
     # slices, the mesh axis dcn_axis spanning them); reconstruct: also compile the reconstruct sampler on
-    # eval_batch_size images (0 = config.eval.batch_size).
-    c.plan = ml_collections.ConfigDict(dict(topologies="", dcn_axis="data", reconstruct=True, eval_batch_size=0))
+    # eval_batch_size images (0 = config.eval.batch_size). stage 'llm': the LLM stage's fine-tuning step
+    # instead, for the LLaMA shape in llm (LlamaConfig fields; the configs/t2i_*.py set it) extended by
+    # llm_visual_codes codes, on sequences of config.llm.seq_len (0: llm_seq_len) tokens.
+    c.plan = ml_collections.ConfigDict(dict(topologies="", dcn_axis="data", reconstruct=True, eval_batch_size=0,
+                                            stage="tokenizer", llm=dict(vocab_size=0, hidden_size=0,
+                                            intermediate_size=0, num_layers=0, num_heads=0, num_kv_heads=0),
+                                            llm_visual_codes=16384, llm_seq_len=384))
     c.peak_flops_per_device = 0.0  # 0 = look up the device kind (v2flow_jax.train.PEAK_FLOPS)
     return c

@@ -4,7 +4,8 @@ For each topology in `config.plan.topologies` ("v5e:16x16", "v5p:4x4x8", "2xv6e:
 libtpu describes the chips without hardware (`jax.experimental.topologies`), the mesh is built over
 them from `config.mesh` (ICI axes within a slice, `config.plan.dcn_axis` across slices), and the real
 jitted train step and the reconstruct sampler are lowered with their real shardings and compiled ahead
-of time. The table gives, per device: parameter, optimizer and batch bytes (from the shardings), the
+of time (`config.plan.stage='llm'`: the LLM stage's fine-tuning step instead, for the LLaMA shape in
+`config.plan.llm`, with no weights read). The table gives, per device: parameter, optimizer and batch bytes (from the shardings), the
 compiler's temporaries and peak, the chip's HBM, FLOPs per step and the step time they imply at the
 chip's peak. A program over HBM is reported as "does not fit" with the compiler's figure.
 
@@ -168,6 +169,47 @@ def plan_topology(config, spec: str) -> dict:
     return row
 
 
+def plan_llm_topology(config, spec: str) -> dict:
+    """The LLM stage's fine-tuning step (lm/finetune.train_step, Adam on every weight) for the LLaMA shape
+    in config.plan.llm, extended by config.plan.llm_visual_codes codes and 2 markers, on one topology."""
+    from v2flow_jax.lm import finetune, llama
+    devices = topology_devices(spec)
+    chip = chip_of(devices[0])
+    c = config.llm
+    shape = dict(config.plan.llm)
+    shape["vocab_size"] = int(shape["vocab_size"]) + int(config.plan.llm_visual_codes) + 2
+    llm = llama.LlamaConfig(**shape, dtype=jnp.dtype(c.dtype), scan_layers=bool(c.scan_layers),
+                            remat_policy=c.remat_policy)
+    mesh = sharding.make_mesh(config.mesh, devices, dcn_axis=build.dcn_axis(config))
+    if c.batch_size % sharding.data_parallel_size(mesh):
+        raise ValueError(f"config.llm.batch_size={c.batch_size} must divide by the mesh's data-parallel size "
+                         f"{sharding.data_parallel_size(mesh)} (mesh {dict(mesh.shape)}).")
+    shardings = llama.param_shardings(llm, mesh)
+    params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          llama.strip_boxes(llama.abstract_params(llm)), shardings)
+    optimizer = finetune.Recipe(learning_rate=float(c.learning_rate), total_steps=int(c.num_steps),
+                                warmup_fraction=float(c.warmup_fraction), grad_clip=float(c.grad_clip)).optimizer()
+    with sharding.use_mesh(mesh):
+        # The moments' shardings are what jit gives them from the parameters' (as finetune.init_opt_state does).
+        init = jax.jit(optimizer.init).lower(params).compile()
+        opt_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                 jax.eval_shape(optimizer.init, params), init.output_shardings)
+        seq = int(c.seq_len or config.plan.llm_seq_len)
+        tokens = lambda dtype: jax.ShapeDtypeStruct((int(c.batch_size), seq), dtype,   # noqa: E731
+                                                    sharding=sharding.batch_sharding(mesh, 2))
+        batch = {"inputs": tokens(jnp.int32), "targets": tokens(jnp.int32), "loss_mask": tokens(jnp.float32)}
+        step = compile_report(finetune.train_step.lower(llama.Llama(llm), optimizer, params, opt_state, batch),
+                              chip.hbm_bytes)
+    row = {"topology": spec, "devices": len(devices), "chip": devices[0].device_kind, "mesh": dict(mesh.shape),
+           "batch_per_device": c.batch_size / len(devices), "sequence": seq, "hbm_bytes": chip.hbm_bytes,
+           "peak_flops": chip.peak_flops, "param_bytes": per_device_bytes(params),
+           "optimizer_bytes": per_device_bytes(opt_state), "frozen_bytes": 0, "train": dataclasses.asdict(step),
+           "reconstruct": None}
+    row["train"]["step_time_at_peak_s"] = step.flops / chip.peak_flops if step.flops else None
+    row["train"]["max_batch_per_device"] = max_batch_estimate(row["batch_per_device"], step, chip.hbm_bytes)
+    return row
+
+
 def max_batch_estimate(batch_per_device: float, step: Compiled, hbm_bytes: float) -> int | None:
     """The batch per chip that would fill HBM, with temporaries linear in the batch (activations dominate
     them) and everything else fixed: an estimate to try, not a compiled figure."""
@@ -208,13 +250,24 @@ def run(config, workdir: str) -> list[dict]:
     specs = [s for s in str(config.plan.topologies).split(",") if s.strip()]
     if not specs:
         raise ValueError("mode=plan needs --config.plan.topologies, e.g. 'v5e:16x16,v5p:4x4x8,2xv6e:8x8'.")
+    llm_stage = config.plan.stage == "llm"
+    if config.plan.stage not in ("tokenizer", "llm"):
+        raise ValueError(f"config.plan.stage={config.plan.stage!r}: use 'tokenizer' or 'llm'.")
     rows = []
     for spec in specs:
+        if llm_stage:
+            logging.info("Planning %s: lowering and compiling the LLM fine-tuning step ...", spec)
+            rows.append(plan_llm_topology(config, spec.strip()))
+            continue
         logging.info("Planning %s: lowering and compiling the train step%s ...", spec,
                      " and the reconstruct sampler" if config.plan.reconstruct else "")
         rows.append(plan_topology(config, spec.strip()))
-    table = format_rows(f"Plan: global batch {config.batch_size}, MAR '{config.model.preset}', "
-                        f"{config.image_size}^2 images", rows)
+    if llm_stage:
+        table = format_rows(f"Plan: LLM fine-tuning, {dict(config.plan.llm)} + {config.plan.llm_visual_codes} "
+                            f"visual codes, global batch {config.llm.batch_size} x {rows[0]['sequence']} tokens", rows)
+    else:
+        table = format_rows(f"Plan: global batch {config.batch_size}, MAR '{config.model.preset}', "
+                            f"{config.image_size}^2 images", rows)
     print(table)
     with open(os.path.join(workdir, "plan.json"), "w") as f:
         json.dump(rows, f, indent=1, default=str)
