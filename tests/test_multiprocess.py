@@ -140,3 +140,33 @@ def test_latent_cache_of_two_processes_holds_the_records_of_one(tmp_path, tmp_pa
     assert len(set(one)) == len(one) > 8                      # each image and its flip, once
     assert not set(caches[2]["host000"]) & set(caches[2]["host001"])   # disjoint shards
     assert sorted(two) == sorted(one)                         # complete: the same records
+
+
+def test_sigterm_to_one_process_stops_all_at_one_agreed_step(tmp_path, tmp_path_factory):
+    """JAX's preemption service spreads one host's SIGTERM: every process saves the same step, exits 0."""
+    import signal
+    import time
+    workdir = tmp_path / "preempted"
+    cmd = tiny_configs.main_command(workdir, "--config.num_steps=200", "--config.log_every=5",
+                                    "--config.checkpoint_every=10", arg="vocab")
+    cmd += ["--jax_distributed", f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
+    env = tiny_configs.main_env(4, tiny_configs.compile_cache(tmp_path_factory))
+    procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=tiny_configs.REPO_ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 600
+        while not (workdir / "checkpoints" / "10").is_dir() and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)          # the notice reaches one host only
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    stopped = {int(m) for out in outs for m in re.findall(r"Preempted: checkpoint at step (\d+)", out)}
+    assert len(stopped) == 1, outs[0][-3000:]
+    step = stopped.pop()
+    assert 10 <= step < 200 and (workdir / "checkpoints" / str(step)).is_dir()
