@@ -254,14 +254,22 @@ def run(config, workdir: str) -> list[dict]:
     if config.plan.stage not in ("tokenizer", "llm"):
         raise ValueError(f"config.plan.stage={config.plan.stage!r}: use 'tokenizer' or 'llm'.")
     rows = []
+
+    def keep(row):      # each topology takes minutes: its row is saved (and said) as soon as it is done
+        rows.append(row)
+        with open(os.path.join(workdir, "plan.json"), "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+        t = row["train"]
+        logging.info("%s: %s, peak %.2f GiB of %.2f GiB HBM per chip.", row["topology"], "fits" if t["fits"] else
+                     "does not fit (" + t["message"] + ")", t["peak_bytes"] / GiB, row["hbm_bytes"] / GiB)
     for spec in specs:
         if llm_stage:
             logging.info("Planning %s: lowering and compiling the LLM fine-tuning step ...", spec)
-            rows.append(plan_llm_topology(config, spec.strip()))
+            keep(plan_llm_topology(config, spec.strip()))
             continue
         logging.info("Planning %s: lowering and compiling the train step%s ...", spec,
                      " and the reconstruct sampler" if config.plan.reconstruct else "")
-        rows.append(plan_topology(config, spec.strip()))
+        keep(plan_topology(config, spec.strip()))
     if llm_stage:
         table = format_rows(f"Plan: LLM fine-tuning, {dict(config.plan.llm)} + {config.plan.llm_visual_codes} "
                             f"visual codes, global batch {config.llm.batch_size} x {rows[0]['sequence']} tokens", rows)
@@ -269,6 +277,4 @@ def run(config, workdir: str) -> list[dict]:
         table = format_rows(f"Plan: global batch {config.batch_size}, MAR '{config.model.preset}', "
                             f"{config.image_size}^2 images", rows)
     print(table)
-    with open(os.path.join(workdir, "plan.json"), "w") as f:
-        json.dump(rows, f, indent=1, default=str)
     return rows

@@ -136,7 +136,9 @@ class Generator(nn.Module):
         if self.rank:
             h = dense(self.rank, ("vocab", None), dtype=self.dtype, use_bias=False, name="fc2_down")(h)
             return dense(self.vocab_size, (None, "vocab"), dtype=self.dtype, name="fc2_up")(h)
-        return dense(self.vocab_size, ("mlp", "vocab"), dtype=self.dtype, name="fc2")(h)
+        # Rows on fsdp, columns on tensor: the N x N matrix (1 B weights for LLaMA-2) is split over both;
+        # ('mlp', 'vocab') put both on tensor, which left it whole on every chip of an fsdp-only mesh.
+        return dense(self.vocab_size, ("embed", "vocab"), dtype=self.dtype, name="fc2")(h)
 
 
 def gumbel_softmax(rng, logits, tau: float, noisy: bool):
