@@ -401,3 +401,29 @@ def test_config_errors_name_the_field(tmp_path):
         _make(_data(source="demo", worker_count=-1))
     with pytest.raises(ValueError, match=r"fewer than batch_size"):
         _make(_data(source="demo"), split="eval", batch_size=64, train=False)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_global_batches_do_not_depend_on_the_number_of_hosts(train):
+    """Hosts' slots put together give the one-host batches, crops and flips included; one epoch's last
+    global batch (16 photos in batches of 6) is padded, and the padding never reaches a batch."""
+    cfg = _data(source="demo", image_size=32, random_crop_scale=(0.5, 1.0))
+
+    def global_batches(hosts):
+        its = [_make(cfg, batch_size=6 // hosts, seed=3, train=train, drop_remainder=False, shard_index=p,
+                     shard_count=hosts)[0] for p in range(hosts)]
+        out = []
+        for _ in range(5):
+            parts = [b["image"] for b in (next(it, None) for it in its) if b is not None]
+            if not parts:
+                break
+            out.append(np.concatenate(parts))
+        return out
+    one, two, three = global_batches(1), global_batches(2), global_batches(3)
+    assert [len(b) for b in one] == ([6] * 5 if train else [6, 6, 4])
+    for a, b, c in zip(one, two, three, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    if not train:   # every photo once: disjoint and complete
+        flat = np.concatenate(three).reshape(16, -1)
+        assert len({row.tobytes() for row in flat}) == 16
