@@ -96,8 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 5_000
     c.checkpoint_every = 2_000
     c.keep_checkpoints = 3
+    # lpips_weights / inception_weights: safetensors files from v2flow_jax.convert.lpips_weights /
+    # .inception_weights ('' = LPIPS / rFID skipped, and metrics.json says why).
     c.eval = ml_collections.ConfigDict(dict(num_images=50_000, batch_size=256, use_ema=True, grid_images=8,
-                                            at_start=False))
+                                            at_start=False, lpips_weights="", inception_weights=""))
     # mode=plan (plan.py): compile-only plans for TPU topologies ('v5e:16x16,v5p:4x4x8,2xv6e:8x8'; 'Nx' = N
     # slices, the mesh axis dcn_axis spanning them); reconstruct: also compile the reconstruct sampler on
     # eval_batch_size images (0 = config.eval.batch_size). stage 'llm': the LLM stage's fine-tuning step

@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 
 from v2flow_jax import build, input_pipeline, sampling, sharding
-from v2flow_jax.metrics import alignment, floors
+from v2flow_jax.metrics import alignment, floors, perceptual
 from v2flow_jax.models import autoencoders
 from v2flow_jax.metrics import image as image_metrics
 from v2flow_jax.metrics.codebook import CodebookUsage
@@ -134,6 +134,8 @@ class Evaluator:
         mc = run.model.config
         self.patch = cfg.image_size // math.isqrt(mc.num_tokens) if self.pixels else 1
         self._table, self._words, self._first_row = _diagnostic_vocabulary(run)
+        # Read now: a wrong weights path fails before training, not at the first evaluation.
+        self.perceptual = perceptual.PerceptualMetrics.from_config(cfg.eval) if self.pixels else None
 
     def check_data(self) -> None:
         """Opens the evaluation split once (at start-up): a missing folder fails before training, not after."""
@@ -183,6 +185,8 @@ class Evaluator:
         usage = CodebookUsage(mc.codebook_size)
         scores: dict[str, list] = {}
         vocab_probs, vocab_entropy, grid_rows, word_ids = [], [], [], []
+        if self.pixels:
+            self.perceptual.reset()
         rng = jax.random.key(cfg.seed + 12345)
 
         def add(name, psnr, ssim):
@@ -209,6 +213,7 @@ class Evaluator:
                     add("_swapped", *self._scores(originals, out))
                 ids = ids[real]
                 if self.pixels:
+                    self.perceptual.update(originals, recon)
                     for name, floor in floors.all_floors(originals, self.patch).items():
                         add(f"_floor_{name}", *self._scores(originals, floor))
                 usage.update(ids)
@@ -237,6 +242,8 @@ class Evaluator:
             p = np.concatenate(vocab_probs).mean(0)
             result["vocab_perplexity"] = float(np.exp(-np.sum(p * np.log(p + 1e-12))))
             result["vocab_entropy"] = float(np.concatenate(vocab_entropy).mean())
+        if self.pixels:
+            result.update(self.perceptual.result())
         result.update(self._alignment(vq, np.flatnonzero(usage.counts), word_ids))
         result["eval_seconds"] = time.perf_counter() - t0
         if input_stats is not None:
@@ -266,6 +273,10 @@ class Evaluator:
         else:
             logging.info("eval @ step %d on %d images: latent MSE %.4f | swapped tokens %s", r["step"], r["num_images"],
                          r["latent_mse"], r.get("latent_mse_swapped", "-"))
+        if "lpips" in r or "rfid" in r or "skipped_metrics" in r:
+            logging.info("eval @ step %d: LPIPS %s, rFID %s%s", r["step"], f"{r['lpips']:.4f}" if "lpips" in r else "-",
+                         f"{r['rfid']:.2f} on {r['rfid_num_images']} images" if "rfid" in r else "-",
+                         "".join(f"; {k} skipped: {v}" for k, v in r.get("skipped_metrics", {}).items()))
         logging.info("eval @ step %d: codebook usage %.3f (perplexity %.1f of %d codes)%s%s  (%.1f s)", r["step"],
                      r["codebook_usage"], r["codebook_perplexity"], self.run_.model.config.codebook_size,
                      f", vocabulary perplexity {r['vocab_perplexity']:.1f}, token entropy {r['vocab_entropy']:.3f}"

@@ -10,7 +10,8 @@ the vocabulary" scores) and, for the cosine, the rows' own nearest other row (wh
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
+
+from v2flow_jax.metrics import frechet
 
 
 def unit_rows(x):
@@ -34,23 +35,11 @@ def nearest_rows(vectors, table, chunk: int = 1024):
 
 
 def frechet_distance(a, b, eps: float = 1e-6) -> float:
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of Gaussians fit to rows of a and b.
-
-    With fewer rows than dimensions a covariance is singular and sqrtm of the product can come out
-    complex or non-finite: then eps * I is added to both covariances (the usual FID remedy), and the
-    tiny imaginary part left by rounding is dropped.
-    """
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    """The Frechet distance of Gaussians fit to the rows of a and b (metrics/frechet.py, the FID's), or
+    nan when a set has fewer than two rows (no covariance)."""
     if min(len(a), len(b)) < 2:
-        return float("nan")      # a covariance needs two points
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = scipy.linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(root).all() or np.abs(np.imag(root)).max() > 1e-3 * max(np.abs(root).max(), 1e-12):
-        offset = eps * np.eye(cov_a.shape[0])
-        root = scipy.linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
-    root = np.real(root)
-    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(root))
+        return float("nan")
+    return frechet.frechet_distance_from_features(a, b, eps=eps)
 
 
 def alignment_report(codes, table, seed: int = 0) -> dict[str, float]:
