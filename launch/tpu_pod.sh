@@ -29,10 +29,17 @@ run() {   # prints the command with --dry-run, runs it otherwise
 }
 
 if [ "$SLICES" = 1 ]; then NODES=("$TPU_NAME"); else NODES=(); for i in $(seq 0 $((SLICES - 1))); do NODES+=("$TPU_NAME-$i"); done; fi
-START="set -e; cd ~/v2flow_jax; python3 -m pip install -q -U pip && python3 -m pip install -q -e . 'jax[tpu]'; nohup python3 -m v2flow_jax.main --jax_distributed --config=$CONFIG --workdir=$BUCKET/v2flow/$RUN \
- --config.data.tfds_data_dir=$BUCKET/tfds ${EXTRA:-} > $LOG 2>&1 &"
+Q_CONFIG=$(printf %q "$CONFIG"); Q_WORKDIR=$(printf %q "$BUCKET/v2flow/$RUN"); Q_TFDS=$(printf %q "$BUCKET/tfds")
+# Install everywhere first, start everywhere after: a slice still installing would leave the others'
+# jax.distributed.initialize waiting past its timeout.
+INSTALL="set -e; cd ~/v2flow_jax; python3 -m pip install -q -U pip && python3 -m pip install -q -e . 'jax[tpu]'"
+START="cd ~/v2flow_jax; nohup python3 -m v2flow_jax.main --jax_distributed --config=$Q_CONFIG --workdir=$Q_WORKDIR \
+ --config.data.tfds_data_dir=$Q_TFDS ${EXTRA:-} > $LOG 2>&1 < /dev/null &"
 for node in "${NODES[@]}"; do
+  # scp into an existing folder would nest the new copy inside the old one: replace it.
+  run gcloud compute tpus tpu-vm ssh "$node" --zone="$ZONE" --worker=all --command="rm -rf ~/v2flow_jax"
   run gcloud compute tpus tpu-vm scp --recurse --zone="$ZONE" --worker=all "$REPO" "$node":~/v2flow_jax
+  run gcloud compute tpus tpu-vm ssh "$node" --zone="$ZONE" --worker=all --command="$INSTALL"
 done
 for node in "${NODES[@]}"; do   # every slice must start: the processes wait for each other
   run gcloud compute tpus tpu-vm ssh "$node" --zone="$ZONE" --worker=all --command="$START"

@@ -25,10 +25,13 @@ def test_tpu_dry_run_prints_a_copy_and_a_start_per_slice():
     lines = _dry_run("tpu_pod.sh", "--dry-run", "--slices=2", TPU_NAME="v2flow", ZONE="us-east5-a",
                      BUCKET="gs://bucket", CONFIG="configs/tok512.py", EXTRA="--config.num_steps=10")
     commands = [shlex.split(line) for line in lines if line.startswith("gcloud")]
-    assert [(c[4], c[5]) for c in commands] == [("scp", "--recurse")] * 2 + [("ssh", "v2flow-0"), ("ssh", "v2flow-1")]
-    assert [c[-1].split(":")[0] for c in commands[:2]] == ["v2flow-0", "v2flow-1"]
+    per_slice = [("ssh", "v2flow-{}"), ("scp", "--recurse"), ("ssh", "v2flow-{}")]   # clear, copy, install
+    want = [(a, b.format(i)) for i in range(2) for a, b in per_slice] + [("ssh", "v2flow-0"), ("ssh", "v2flow-1")]
+    assert [(c[4], c[5]) for c in commands] == want
+    assert [commands[i][-1].split(":")[0] for i in (1, 4)] == ["v2flow-0", "v2flow-1"]
     assert all("--worker=all" in c for c in commands)
-    start = commands[2][-1].removeprefix("--command=")
+    assert "rm -rf ~/v2flow_jax" in commands[0][-1] and "pip install" in commands[2][-1]
+    start = commands[-2][-1].removeprefix("--command=")
     main = shlex.split(start.split("nohup ", 1)[1].split(" >", 1)[0])
     assert main[:3] == ["python3", "-m", "v2flow_jax.main"] and "--config=configs/tok512.py" in main
     assert "--workdir=gs://bucket/v2flow/tok512" in main and "--config.num_steps=10" in main

@@ -132,6 +132,7 @@ def run(config, workdir: str) -> dict:
                                                                                 jnp.float32)).shape[1:])
     pending: list[np.ndarray] = []
     part, seen, t0 = skip_parts, 0, time.perf_counter()
+    rows_of_host = sharding.local_row_positions(batch_size, r.mesh)
     with sharding.use_mesh(r.mesh, r.rules):
         for images in it:
             n = images.shape[0]
@@ -144,8 +145,8 @@ def run(config, workdir: str) -> dict:
             padded = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:], images.dtype)]) \
                 if n < batch_size else images
             latents = sharding.to_host(encode(r.ae_params, sharding.put_batch(padded, r.mesh)))
-            whole = batch_size * hosts        # the global batch: this host's rows are its block of it
-            mine = slice(host * batch_size, host * batch_size + n)
+            whole = batch_size * hosts        # the global batch, then the flips
+            mine = rows_of_host[:n]           # where this host's rows sit in it (its devices' places)
             originals, flips = latents[:whole][mine][first:], latents[whole:][mine][first:]
             for orig, flip in zip(originals, flips):
                 pending.extend([orig, flip])

@@ -195,7 +195,7 @@ class Evaluator:
         per_host = self.batch_size // jax.process_count()
         with sharding.use_mesh(run.mesh, run.rules):
             for i, images in enumerate(self._batches()):
-                real = sharding.host_rows(images.shape[0], per_host)    # of the global batch, all hosts
+                real = sharding.real_rows(images.shape[0], per_host, run.mesh)   # of the global batch
                 if not real.any():
                     continue
                 batch = sharding.put_batch(_pad_to(images, per_host), run.mesh)

@@ -15,9 +15,11 @@ import threading
 from absl import logging
 
 
-def _distributed() -> bool:
+def _distributed() -> tuple[bool, bool]:
+    """(several processes, JAX's preemption service running)."""
     from jax._src import distributed    # the public API has no "is initialized" query
-    return distributed.global_state.client is not None
+    state = distributed.global_state
+    return state.client is not None, state.preemption_sync_manager is not None
 
 
 class PreemptionWatch:
@@ -29,9 +31,13 @@ class PreemptionWatch:
         self._multi = False
 
     def __enter__(self) -> "PreemptionWatch":
-        self._multi = _distributed()
+        self._multi, service = _distributed()
+        if self._multi and not service:
+            logging.warning("JAX's preemption service is off (jax_enable_preemption_service=False): a SIGTERM will "
+                            "end this multi-process run without a checkpoint.")
+            self._multi = None     # nothing to ask, and no local flag: hosts must agree on the step
         # Several processes: JAX's preemption service owns SIGTERM; a Python handler would replace its own.
-        if not self._multi and threading.current_thread() is threading.main_thread():
+        if self._multi is False and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 
@@ -48,6 +54,8 @@ class PreemptionWatch:
     def reached(self, step: int) -> bool:
         """True at the step boundary where the run must save and stop. With several processes every process
         must call this at every step (it is a collective agreement on the step)."""
+        if self._multi is None:
+            return False
         if self._multi:
             from jax.experimental import multihost_utils
             return bool(multihost_utils.reached_preemption_sync_point(int(step)))

@@ -170,10 +170,19 @@ def to_host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def host_rows(num_rows: int, per_host: int) -> np.ndarray:
-    """Which rows of a global batch are real, when each host filled `num_rows` of its `per_host` slots
-    (hosts contribute consecutive blocks, as `put_batch` places them)."""
-    return np.concatenate([np.arange(per_host) < c for c in all_hosts_values(num_rows)])
+def real_rows(num_rows: int, per_host: int, mesh) -> np.ndarray:
+    """Which rows of a `put_batch` global batch are real, when this host filled `num_rows` of its
+    `per_host` rows (the same on every host). Read off a placed mask: where a host's rows land depends on
+    its devices' places in the mesh (on a TPU pod they interleave), not on the process index."""
+    return to_host(put_batch(np.arange(per_host) < num_rows, mesh))
+
+
+def local_row_positions(per_host: int, mesh) -> np.ndarray:
+    """The global rows of a `put_batch` batch that hold this host's local rows 0 .. per_host-1, in order."""
+    codes = to_host(put_batch(np.arange(per_host) + jax.process_index() * per_host, mesh))
+    where = np.empty(len(codes), np.int64)
+    where[codes] = np.arange(len(codes))
+    return where[jax.process_index() * per_host:(jax.process_index() + 1) * per_host]
 
 
 def all_hosts_values(value: int) -> np.ndarray:
