@@ -87,5 +87,6 @@ def test_llm_stage_plan_counts_the_extended_llama():
     per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d       # q, o, k, v, the MLP, two norms
     count = 2 * vocab * d + 2 * per_layer + d                      # embedding, untied head, final norm
     assert row["param_bytes"] == 4 * count / 4                     # float32, every weight split over fsdp 4
-    assert row["optimizer_bytes"] >= 2 * row["param_bytes"]        # Adam's two moments (and a step count)
+    # Adam's two moments, split like the weights (replicated they would be 8x), and a step count
+    assert 2 * row["param_bytes"] <= row["optimizer_bytes"] <= 2 * row["param_bytes"] + 64
     assert row["train"]["fits"] and row["train"]["flops"] > 0 and row["sequence"] == 16

@@ -190,10 +190,9 @@ def plan_llm_topology(config, spec: str) -> dict:
     optimizer = finetune.Recipe(learning_rate=float(c.learning_rate), total_steps=int(c.num_steps),
                                 warmup_fraction=float(c.warmup_fraction), grad_clip=float(c.grad_clip)).optimizer()
     with sharding.use_mesh(mesh):
-        # The moments' shardings are what jit gives them from the parameters' (as finetune.init_opt_state does).
-        init = jax.jit(optimizer.init).lower(params).compile()
         opt_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                                 jax.eval_shape(optimizer.init, params), init.output_shardings)
+                                 jax.eval_shape(optimizer.init, params),
+                                 finetune.opt_state_shardings(optimizer, params))
         seq = int(c.seq_len or config.plan.llm_seq_len)
         tokens = lambda dtype: jax.ShapeDtypeStruct((int(c.batch_size), seq), dtype,   # noqa: E731
                                                     sharding=sharding.batch_sharding(mesh, 2))
