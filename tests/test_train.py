@@ -193,20 +193,28 @@ def test_folder_with_bad_and_odd_images_trains(folder_run):
         assert counts[kind] == logged, (kind, counts, text)
 
 
-def test_ctrl_c_leaves_a_checkpoint_and_prints_the_interrupt_last(tmp_path, tmp_path_factory):
-    """SIGINT mid-run: the checkpointer is closed on the way out (no orbax shutdown noise after the
-    traceback), the last line the user sees is the KeyboardInterrupt, and the run resumes."""
-    tiny_configs.shared_run(tmp_path_factory)       # its compiled steps are in the cache
-    workdir = tmp_path / "interrupted"
+def _signal_shared_run_after(workdir, tmp_path_factory, sig, min_step: int):
+    """Starts the shared tiny run in `workdir`, sends `sig` once a checkpoint at step >= min_step exists
+    (or the run ended); returns (process, its whole output)."""
     cmd = tiny_configs.main_command(workdir, *tiny_configs.SHARED_FLAGS, arg=tiny_configs.SHARED_ARG)
     env = tiny_configs.main_env(1, tiny_configs.compile_cache(tmp_path_factory))
     proc = subprocess.Popen(cmd, cwd=tiny_configs.REPO_ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600
-    while proc.poll() is None and time.monotonic() < deadline and not _finished_steps(workdir):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    while proc.poll() is None and time.monotonic() < deadline and not any(
+            s >= min_step for s in _finished_steps(workdir)):
+        time.sleep(0.01)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=300)
+    return proc, out
+
+
+def test_ctrl_c_leaves_a_checkpoint_and_prints_the_interrupt_last(tmp_path, tmp_path_factory):
+    """SIGINT mid-run: the checkpointer is closed on the way out (no orbax shutdown noise after the
+    traceback), the last line the user sees is the KeyboardInterrupt, and the run resumes."""
+    tiny_configs.shared_run(tmp_path_factory)       # its compiled steps are in the cache
+    workdir = tmp_path / "interrupted"
+    proc, out = _signal_shared_run_after(workdir, tmp_path_factory, signal.SIGINT, min_step=0)
     lines = [line for line in out.splitlines() if line.strip()]
     assert proc.returncode != 0 and lines[-1].startswith("KeyboardInterrupt"), out[-3000:]
     tail = out[out.rindex("Traceback"):]
@@ -220,15 +228,7 @@ def test_sigterm_saves_at_a_step_boundary_exits_0_and_resumes_equal(tmp_path, tm
     n = tiny_configs.SHARED_STEPS
     ref_dir, _ = tiny_configs.shared_run(tmp_path_factory)
     workdir = tmp_path / "preempted"
-    cmd = tiny_configs.main_command(workdir, *tiny_configs.SHARED_FLAGS, arg=tiny_configs.SHARED_ARG)
-    env = tiny_configs.main_env(1, tiny_configs.compile_cache(tmp_path_factory))
-    proc = subprocess.Popen(cmd, cwd=tiny_configs.REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 600
-    while proc.poll() is None and time.monotonic() < deadline and not any(s >= 8 for s in _finished_steps(workdir)):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
+    proc, out = _signal_shared_run_after(workdir, tmp_path_factory, signal.SIGTERM, min_step=8)
     assert proc.returncode == 0, out[-3000:]
     match = re.search(r"Preempted: checkpoint at step (\d+) of (\d+)", out)
     assert match, out[-3000:]
